@@ -1,0 +1,149 @@
+"""The readable definition of one LARS step: one tensor at a time, plain torch ops.
+
+Every faster implementation is tested against this file on the same inputs. It is also the path
+taken for tensors the fast paths do not cover. It never synchronises with the host: every
+data-dependent choice is a ``torch.where``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype LARS does its arithmetic in: the param dtype, but at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def trust_ratio(
+    w_norm: Tensor,
+    grad: Tensor,
+    weight: Tensor,
+    *,
+    weight_decay: float,
+    eta: float,
+    epsilon: float,
+    trust_norm: str,
+) -> Tensor:
+    """The layer-wise trust ratio ``lam`` (0-d tensor) for one tensor.
+
+    ``grad`` is the rescaled gradient ``rescale_grad * g`` (not clipped).
+
+    * ``trust_norm="sum"``:    lam = eta * |w| / (|g| + wd * |w| + epsilon)
+    * ``trust_norm="update"``: lam = eta * |w| / (|g + wd * w| + epsilon)
+
+    Fallback (MXNet's rule): lam = 1 (the plain lr, no eta) when |w| == 0, when the denominator's
+    norm (|g|, or |g + wd * w|) is 0, or when either norm is not finite.
+    """
+    if trust_norm == "sum":
+        d_norm = torch.linalg.vector_norm(grad, dtype=compute_dtype(grad.dtype))
+        denominator = d_norm + weight_decay * w_norm + epsilon
+    else:
+        update = grad + weight_decay * weight if weight_decay != 0 else grad
+        d_norm = torch.linalg.vector_norm(update, dtype=compute_dtype(update.dtype))
+        denominator = d_norm + epsilon
+    valid = (w_norm > 0) & (d_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(d_norm)
+    return torch.where(valid, eta * w_norm / denominator, torch.ones_like(w_norm))
+
+
+def clip_trust_ratio(lam: Tensor, lr: float | Tensor) -> Tensor:
+    """LARC clipping: lam <- min(lam / lr, 1), so the step size is min(lr * lam, lr) / lr * lr.
+
+    Written with ``where`` so that lr == 0 gives 1 (and a zero step) instead of 0/0.
+    """
+    return torch.where(lam < lr, lam / lr, torch.ones_like(lam))
+
+
+def lars_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    master_params: Sequence[Tensor | None],
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    eta: float,
+    epsilon: float,
+    adapt: bool,
+    nesterov: bool,
+    momentum_form: str,
+    trust_norm: str,
+    trust_clip: bool,
+    rescale_grad: float,
+    clip_gradient: float | None,
+    maximize: bool,
+    norm_source: str,
+    math_dtype: torch.dtype | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """See :func:`larsopt.functional.lars` for the arguments and the formulas."""
+    for i, param in enumerate(params):
+        master = master_params[i]
+        target = master if master is not None else param
+        dtype = math_dtype if math_dtype is not None else compute_dtype(target.dtype)
+        weight = target.to(dtype)
+
+        grad = grads[i].to(dtype)
+        if maximize:
+            grad = -grad
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(device=grad.device, dtype=dtype)
+        if rescale_grad != 1.0:
+            grad = grad * rescale_grad
+
+        if adapt:
+            norm_input = param if norm_source == "param" else target
+            w_norm = torch.linalg.vector_norm(norm_input, dtype=compute_dtype(norm_input.dtype))
+            lam = trust_ratio(
+                w_norm,
+                grad,
+                weight,
+                weight_decay=weight_decay,
+                eta=eta,
+                epsilon=epsilon,
+                trust_norm=trust_norm,
+            )
+            if trust_clip:
+                lam = clip_trust_ratio(lam, lr)
+        else:
+            lam = torch.ones((), dtype=torch.float32, device=param.device)
+
+        update = grad
+        if clip_gradient is not None:
+            update = update.clamp(-clip_gradient, clip_gradient)
+        if weight_decay != 0:
+            update = update + weight_decay * weight
+
+        buf = momentum_buffers[i]
+        new_buf = None
+        if momentum == 0:
+            new_weight = weight - (lr * lam).to(dtype) * update
+        elif momentum_form == "paper":
+            # v = mu * v - lr * lam * g';  w += v   (nesterov: w += mu * v - lr * lam * g')
+            step = (lr * lam).to(dtype) * update
+            new_buf = momentum * buf.to(dtype) - step
+            new_weight = weight + (momentum * new_buf - step if nesterov else new_buf)
+        else:
+            # b = mu * b + lam * g';  w -= lr * b   (nesterov: w -= lr * (lam * g' + mu * b))
+            scaled = lam.to(dtype) * update
+            new_buf = momentum * buf.to(dtype) + scaled
+            direction = scaled + momentum * new_buf if nesterov else new_buf
+            new_weight = weight - lr * direction
+
+        if found_inf is not None:
+            # AMP: an inf/NaN gradient anywhere skips the whole step, without a host sync.
+            skip = found_inf.to(param.device) > 0
+            new_weight = torch.where(skip, weight, new_weight)
+            if new_buf is not None:
+                new_buf = torch.where(skip, buf.to(dtype), new_buf)
+
+        if new_buf is not None:
+            buf.copy_(new_buf)
+        target.copy_(new_weight)
+        if master is not None:
+            param.copy_(new_weight)

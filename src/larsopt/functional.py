@@ -1,0 +1,129 @@
+r"""The functional LARS core: one step over lists of tensors. Every front-end calls :func:`lars`.
+
+For each tensor ``w`` with gradient ``g`` (``rescale_grad`` = r, ``clip_gradient`` = c,
+``weight_decay`` = wd, ``momentum`` = mu):
+
+.. code-block:: text
+
+    g     = -g if maximize;  g = g / grad_scale if AMP
+    gr    = r * g
+    lam   = eta * |w| / (|gr| + wd * |w| + epsilon)        trust_norm="sum"    (MXNet, paper, timm, MLPerf)
+          = eta * |w| / (|gr + wd * w| + epsilon)          trust_norm="update" (optax, FAIR SSL)
+          = 1   if |w| == 0, the denominator norm is 0, or a norm is not finite  (MXNet's fallback)
+          = 1   if adapt is False (the group is excluded from LARS)
+    lam   = min(lam / lr, 1)                               trust_clip=True (LARC clip mode)
+    g'    = clip(gr, -c, c) + wd * w                       (clip after the norm, before weight decay)
+
+    momentum_form="paper" (LARS Algorithm 1, MXNet, MLPerf):
+        v = mu * v - lr * lam * g';   w = w + v            nesterov: w = w + mu * v - lr * lam * g'
+    momentum_form="torch" (timm, Bolts, LARC wrapping torch SGD):
+        b = mu * b + lam * g';        w = w - lr * b       nesterov: w = w - lr * (lam * g' + mu * b)
+    momentum == 0 (both forms):       w = w - lr * lam * g'
+
+Norms accumulate in float32 at least. The two momentum forms are equal while lr is constant and
+differ as soon as it changes (warm-up, decay): "paper" keeps past steps at the lr they were taken
+with, "torch" rescales the whole buffer by the current lr.
+
+Momentum buffers are passed in (zeros before the first step); they are updated in place, like
+the params. Gradients are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from larsopt._impl import reference
+
+MOMENTUM_FORMS = ("paper", "torch")
+TRUST_NORMS = ("sum", "update")
+NORM_SOURCES = ("master", "param")
+IMPLS = ("auto", "reference")
+
+_IMPLEMENTATIONS = {"reference": reference.lars_step}
+
+
+def resolve_impl(impl: str) -> str:
+    """The implementation ``impl="auto"`` stands for."""
+    if impl == "auto":
+        return "reference"
+    return impl
+
+
+def lars(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    *,
+    lr: float | Tensor,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    eta: float = 0.001,
+    epsilon: float = 1e-8,
+    adapt: bool = True,
+    nesterov: bool = False,
+    momentum_form: str = "paper",
+    trust_norm: str = "sum",
+    trust_clip: bool = False,
+    rescale_grad: float = 1.0,
+    clip_gradient: float | None = None,
+    maximize: bool = False,
+    master_params: Sequence[Tensor | None] | None = None,
+    norm_source: str = "master",
+    math_dtype: torch.dtype | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    impl: str = "auto",
+) -> None:
+    """Apply one LARS step in place to ``params`` (and ``momentum_buffers``, ``master_params``).
+
+    The formulas are in the module docstring. This function validates nothing (the front-ends
+    do); it computes everything.
+
+    Args:
+        params: the tensors to update.
+        grads: their gradients (dense), read only.
+        momentum_buffers: one per param; a tensor (zeros before the first step) when
+            ``momentum != 0``, else ``None``.
+        lr: learning rate, a float or a 0-d tensor (a tensor never causes a recompile).
+        adapt: apply the trust ratio (``False``: lam = 1, e.g. for biases and norm layers).
+        master_params: optional float32 master copies (``None`` entries for params without
+            one). The update is computed on the master and written back rounded to the param.
+        norm_source: ``"master"`` takes |w| from the master copy, ``"param"`` from the param
+            as stored (MXNet's fused path under multi_precision).
+        math_dtype: dtype of the update arithmetic; default the param dtype promoted to at
+            least float32. MXNet's float16 kernels without master copies use float16.
+        grad_scale, found_inf: AMP (``torch.amp.GradScaler``): gradients are divided by
+            ``grad_scale`` before anything else, and ``found_inf > 0`` leaves every tensor
+            unchanged, without a host synchronisation.
+        impl: one of :data:`IMPLS`.
+    """
+    if not params:
+        return
+    if master_params is None:
+        master_params = [None] * len(params)
+    _IMPLEMENTATIONS[resolve_impl(impl)](
+        params,
+        grads,
+        momentum_buffers,
+        master_params,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        eta=eta,
+        epsilon=epsilon,
+        adapt=adapt,
+        nesterov=nesterov,
+        momentum_form=momentum_form,
+        trust_norm=trust_norm,
+        trust_clip=trust_clip,
+        rescale_grad=rescale_grad,
+        clip_gradient=clip_gradient,
+        maximize=maximize,
+        norm_source=norm_source,
+        math_dtype=math_dtype,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )

@@ -1,0 +1,250 @@
+"""``larsopt.LARS``: a ``torch.optim.Optimizer`` over the functional core."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from larsopt import functional as F
+
+_STATE_KEYS = ("momentum_buffer",)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise ValueError(f"Invalid {name}: a tensor {name} must be a 0-d floating tensor, got shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        if value.device.type == "cpu" and not value.item() >= 0:  # a CUDA lr is not read back (sync)
+            raise ValueError(f"Invalid {name}: {value.item()!r}; expected a finite number >= 0")
+        return
+    if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number >= 0")
+
+
+def check_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first bad hyper-parameter of a param group."""
+    for name in ("lr", "eta", "epsilon", "weight_decay"):
+        _check_nonnegative(name, group[name])
+    momentum = group["momentum"]
+    if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Invalid momentum: {momentum!r}; expected a number in [0, 1)")
+    if not _is_number(group["rescale_grad"]) or not math.isfinite(group["rescale_grad"]):
+        raise ValueError(f"Invalid rescale_grad: {group['rescale_grad']!r}; expected a finite number")
+    clip = group["clip_gradient"]
+    if clip is not None and (not _is_number(clip) or not clip >= 0):
+        raise ValueError(f"Invalid clip_gradient: {clip!r}; expected None (no clipping) or a number >= 0")
+    for name in ("nesterov", "trust_clip", "maximize", "lars"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"Invalid {name}: {group[name]!r}; expected True or False")
+    if group["nesterov"] and momentum == 0:
+        raise ValueError("Invalid nesterov: True with momentum=0; Nesterov momentum needs momentum > 0")
+    for name, allowed in (
+        ("momentum_form", F.MOMENTUM_FORMS),
+        ("trust_norm", F.TRUST_NORMS),
+        ("impl", F.IMPLS),
+    ):
+        if group[name] not in allowed:
+            raise ValueError(f"Invalid {name}: {group[name]!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+class LARS(Optimizer):
+    r"""Layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017) as a ``torch.optim.Optimizer``.
+
+    For every parameter tensor ``w`` with gradient ``g`` (see :mod:`larsopt.functional`):
+
+    .. code-block:: text
+
+        gr  = rescale_grad * g                         (-g first if maximize)
+        lam = eta * |w| / (|gr| + wd * |w| + epsilon)  trust_norm="sum"
+            = eta * |w| / (|gr + wd * w| + epsilon)    trust_norm="update"
+            = 1 if |w| == 0, the denominator norm is 0, a norm is not finite, or lars=False
+        lam = min(lam / lr, 1)                         if trust_clip (LARC)
+        g'  = clip(gr, -clip_gradient, clip_gradient) + wd * w
+        paper:  v = mu * v - lr * lam * g';  w += v    (nesterov: w += mu * v - lr * lam * g')
+        torch:  b = mu * b + lam * g';       w -= lr * b   (nesterov: w -= lr * (lam * g' + mu * b))
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or dicts (param
+            groups; see :func:`larsopt.param_groups`). Every argument below can be set per group;
+            groups also take the key ``lars`` (default True): False turns the trust ratio off for
+            that group (lam = 1) while its weight decay still applies.
+        lr: learning rate (float or 0-d tensor; a tensor avoids recompiles under torch.compile).
+        momentum: mu in [0, 1). The state ``momentum_buffer`` exists only when momentum != 0.
+        eta: trust coefficient. epsilon: added to the trust-ratio denominator.
+        weight_decay: L2 coefficient wd, added to the gradient (coupled, as in the paper).
+        nesterov: Nesterov momentum (needs momentum > 0).
+        momentum_form: ``"paper"`` (lr inside the buffer) or ``"torch"`` (lr outside).
+        trust_norm: ``"sum"`` or ``"update"``, the trust-ratio denominator.
+        trust_clip: LARC clip mode: the step size is min(lr * lam, lr).
+        rescale_grad: gradient multiplier, inside the trust-ratio norm (MXNet).
+        clip_gradient: element-wise clip of the rescaled gradient after the norm, before weight
+            decay (``None``: off).
+        maximize: maximise the objective instead of minimising it.
+        impl: implementation, one of :data:`larsopt.functional.IMPLS`.
+
+    ``p.grad`` is never modified. ``torch.amp.GradScaler`` is supported: ``scaler.step(opt)``
+    passes the scale and the inf flag to the step, which unscales before the norms and skips the
+    step on inf without a host synchronisation.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.0,
+        eta: float = 0.001,
+        epsilon: float = 1e-8,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        momentum_form: str = "paper",
+        trust_norm: str = "sum",
+        trust_clip: bool = False,
+        rescale_grad: float = 1.0,
+        clip_gradient: float | None = None,
+        maximize: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            eta=eta,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            momentum_form=momentum_form,
+            trust_norm=trust_norm,
+            trust_clip=trust_clip,
+            rescale_grad=rescale_grad,
+            clip_gradient=clip_gradient,
+            maximize=maximize,
+            impl=impl,
+            lars=True,
+        )
+        check_hyperparameters(defaults)
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, "
+                            f"got a single tensor of shape {tuple(params.shape)}; wrap it in a list")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_hyperparameters({**self.defaults, **param_group})
+        unknown = set(param_group) - set(self.defaults) - {"params", "param_names"}
+        if unknown:
+            raise ValueError(f"Invalid param group key(s) {sorted(unknown)}; allowed keys are "
+                             f"'params', 'param_names' and {sorted(self.defaults)}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names")
+        seen: set[Tensor] = set()
+        for i, param in enumerate(group["params"]):
+            label = f"param {names[i]!r}" if names else f"param #{i} of group {len(self.param_groups) - 1}"
+            if param in seen:
+                self.param_groups.pop()
+                raise ValueError(f"{label} appears twice in the same param group; give each tensor once")
+            seen.add(param)
+            if not param.is_floating_point():
+                self.param_groups.pop()
+                raise ValueError(f"{label} has dtype {param.dtype}; LARS can only optimise floating-point "
+                                 "tensors")
+
+    def _param_label(self, group: dict[str, Any], index: int) -> str:
+        names = group.get("param_names")
+        return repr(names[index]) if names else f"#{index} (shape {tuple(group['params'][index].shape)})"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one LARS step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            use_momentum = group["momentum"] != 0
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"LARS got a sparse gradient for param {self._param_label(group, index)}; "
+                                       "sparse gradients are not supported yet: use a dense gradient "
+                                       "(e.g. nn.Embedding(sparse=False))")
+                params.append(param)
+                grads.append(param.grad)
+                if use_momentum:
+                    state = self.state[param]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    buffers.append(state["momentum_buffer"])
+                else:
+                    buffers.append(None)
+            F.lars(
+                params,
+                grads,
+                buffers,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                eta=group["eta"],
+                epsilon=group["epsilon"],
+                adapt=group["lars"],
+                nesterov=group["nesterov"],
+                momentum_form=group["momentum_form"],
+                trust_norm=group["trust_norm"],
+                trust_clip=group["trust_clip"],
+                rescale_grad=group["rescale_grad"],
+                clip_gradient=group["clip_gradient"],
+                maximize=group["maximize"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                impl=group["impl"],
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`. A state that does not fit this optimizer
+        raises ``ValueError`` and leaves the optimizer unchanged."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups' "
+                             "(as returned by LARS.state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"Invalid state_dict: it has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        params_by_id: dict[int, Tensor] = {}
+        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"Invalid state_dict: param group {number} has {len(saved['params'])} params "
+                                 f"there and {len(group['params'])} here")
+            missing = sorted(set(self.defaults) - set(saved))
+            if missing:
+                raise ValueError(f"Invalid state_dict: param group {number} lacks the LARS settings {missing}; "
+                                 "is it from a different optimizer?")
+            check_hyperparameters({**self.defaults, **{k: v for k, v in saved.items() if k in self.defaults}})
+            params_by_id.update(zip(saved["params"], group["params"]))
+        for key, param_state in state_dict["state"].items():
+            param = params_by_id.get(key)
+            if param is None:
+                raise ValueError(f"Invalid state_dict: state for param id {key!r}, which no param group lists")
+            unknown = set(param_state) - set(_STATE_KEYS)
+            if unknown:
+                raise ValueError(f"Invalid state_dict: state keys {sorted(unknown)} are not LARS state "
+                                 f"(expected {list(_STATE_KEYS)}); is it from a different optimizer?")
+            for name, value in param_state.items():
+                if isinstance(value, Tensor) and value.shape != param.shape:
+                    raise ValueError(f"Invalid state_dict: {name} of param id {key!r} has shape "
+                                     f"{tuple(value.shape)}, the param has shape {tuple(param.shape)}")
+        super().load_state_dict(state_dict)
