@@ -75,6 +75,9 @@ def lars(
     math_dtype: torch.dtype | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    lazy_update: bool = True,
+    stochastic_rounding: bool = False,
+    generator: torch.Generator | None = None,
     impl: str = "auto",
 ) -> None:
     """Apply one LARS step in place to ``params`` (and ``momentum_buffers``, ``master_params``).
@@ -98,6 +101,11 @@ def lars(
         grad_scale, found_inf: AMP (``torch.amp.GradScaler``): gradients are divided by
             ``grad_scale`` before anything else, and ``found_inf > 0`` leaves every tensor
             unchanged, without a host synchronisation.
+        lazy_update: for sparse gradients (COO, ``sparse_dim == 1``): ``True`` changes only the
+            rows present (weight, momentum and weight decay); ``False`` gives the dense result.
+            The trust ratio uses |w| over all rows and |g| over the present rows either way.
+        stochastic_rounding: round the written-back bfloat16 param stochastically (unbiased),
+            for bfloat16 params without a master copy; ``generator`` seeds it.
         impl: one of :data:`IMPLS`.
     """
     if not params:
@@ -126,4 +134,7 @@ def lars(
         math_dtype=math_dtype,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        lazy_update=lazy_update,
+        stochastic_rounding=stochastic_rounding,
+        generator=generator,
     )

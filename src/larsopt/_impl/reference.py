@@ -80,6 +80,9 @@ def lars_step(
     math_dtype: torch.dtype | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    lazy_update: bool,
+    stochastic_rounding: bool,
+    generator: torch.Generator | None,
 ) -> None:
     """See :func:`larsopt.functional.lars` for the arguments and the formulas."""
     for i, param in enumerate(params):
