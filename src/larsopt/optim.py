@@ -12,7 +12,8 @@ from torch.optim import Optimizer
 
 from larsopt import functional as F
 
-_STATE_KEYS = ("momentum_buffer",)
+_STATE_KEYS = ("momentum_buffer", "master_param")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _is_number(value: Any) -> bool:
@@ -43,7 +44,8 @@ def check_hyperparameters(group: dict[str, Any]) -> None:
     clip = group["clip_gradient"]
     if clip is not None and (not _is_number(clip) or not clip >= 0):
         raise ValueError(f"Invalid clip_gradient: {clip!r}; expected None (no clipping) or a number >= 0")
-    for name in ("nesterov", "trust_clip", "maximize", "lars"):
+    for name in ("nesterov", "trust_clip", "maximize", "lars", "multi_precision", "lazy_update",
+                 "stochastic_rounding"):
         if not isinstance(group[name], bool):
             raise ValueError(f"Invalid {name}: {group[name]!r}; expected True or False")
     if group["nesterov"] and momentum == 0:
@@ -52,6 +54,7 @@ def check_hyperparameters(group: dict[str, Any]) -> None:
         ("momentum_form", F.MOMENTUM_FORMS),
         ("trust_norm", F.TRUST_NORMS),
         ("impl", F.IMPLS),
+        ("norm_source", F.NORM_SOURCES),
     ):
         if group[name] not in allowed:
             raise ValueError(f"Invalid {name}: {group[name]!r}; expected one of {', '.join(map(repr, allowed))}")
@@ -91,6 +94,22 @@ class LARS(Optimizer):
             decay (``None``: off).
         maximize: maximise the objective instead of minimising it.
         impl: implementation, one of :data:`larsopt.functional.IMPLS`.
+        multi_precision: keep a float32 master copy (state ``master_param``) and a float32
+            ``momentum_buffer`` for float16/bfloat16 params; the update is done on the master and
+            the param is written back rounded. float32/float64 params are not affected. Loading a
+            state without masters rebuilds them from the params at the next step.
+        norm_source: ``"master"`` (default) takes |w| from the master copy, ``"param"`` from the
+            low-precision param as stored (MXNet's fused path).
+        lazy_update: for sparse gradients (``nn.Embedding(sparse=True)``): True changes only the
+            rows present (weight, momentum, weight decay), False gives exactly the dense result.
+            The trust ratio uses |w| over all rows and |g| over the present rows either way.
+        stochastic_rounding: bfloat16 params without a master copy are written back with
+            unbiased stochastic rounding (drawn from ``generator`` when given).
+        generator: ``torch.Generator`` for stochastic rounding (not saved in ``state_dict``).
+
+    Without ``multi_precision``, float16/bfloat16 params are updated in float32 and rounded
+    once; an update below half an ulp of the weight is lost (as in MXNet without
+    ``multi_precision``). ``multi_precision`` or ``stochastic_rounding`` avoid that.
 
     ``p.grad`` is never modified. ``torch.amp.GradScaler`` is supported: ``scaler.step(opt)``
     passes the scale and the inf flag to the step, which unscales before the norms and skips the
@@ -115,6 +134,11 @@ class LARS(Optimizer):
         clip_gradient: float | None = None,
         maximize: bool = False,
         impl: str = "auto",
+        multi_precision: bool = False,
+        norm_source: str = "master",
+        lazy_update: bool = True,
+        stochastic_rounding: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -131,11 +155,18 @@ class LARS(Optimizer):
             maximize=maximize,
             impl=impl,
             lars=True,
+            multi_precision=multi_precision,
+            norm_source=norm_source,
+            lazy_update=lazy_update,
+            stochastic_rounding=stochastic_rounding,
         )
         check_hyperparameters(defaults)
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, "
                             f"got a single tensor of shape {tuple(params.shape)}; wrap it in a list")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"Invalid generator: {generator!r}; expected a torch.Generator or None")
+        self.generator = generator
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -173,21 +204,34 @@ class LARS(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            params, grads, buffers = [], [], []
+            params, grads, buffers, masters = [], [], [], []
             use_momentum = group["momentum"] != 0
             for index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"LARS got a sparse gradient for param {self._param_label(group, index)}; "
-                                       "sparse gradients are not supported yet: use a dense gradient "
-                                       "(e.g. nn.Embedding(sparse=False))")
+                grad = param.grad
+                if grad.is_sparse and grad.sparse_dim() != 1 and group["lazy_update"]:
+                    raise RuntimeError(f"LARS got a sparse gradient with sparse_dim={grad.sparse_dim()} for param "
+                                       f"{self._param_label(group, index)}; lazy_update needs row-sparse gradients "
+                                       "(sparse_dim == 1, as nn.Embedding(sparse=True) makes); set lazy_update=False "
+                                       "for a dense update")
+                state = self.state[param] if param in self.state or use_momentum or group["multi_precision"] else {}
+                master = None
+                if group["multi_precision"] and param.dtype in _LOW_PRECISION:
+                    if "master_param" not in state:
+                        state["master_param"] = param.detach().to(torch.float32, copy=True)
+                    master = state["master_param"]
+                else:
+                    state.pop("master_param", None)  # the param itself is current when masters are off
                 params.append(param)
-                grads.append(param.grad)
+                grads.append(grad)
+                masters.append(master)
                 if use_momentum:
-                    state = self.state[param]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    buffer_dtype = torch.float32 if master is not None else param.dtype
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = torch.zeros_like(param, dtype=buffer_dtype, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = buf.to(buffer_dtype)
                     buffers.append(state["momentum_buffer"])
                 else:
                     buffers.append(None)
@@ -208,8 +252,13 @@ class LARS(Optimizer):
                 rescale_grad=group["rescale_grad"],
                 clip_gradient=group["clip_gradient"],
                 maximize=group["maximize"],
+                master_params=masters,
+                norm_source=group["norm_source"],
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                lazy_update=group["lazy_update"],
+                stochastic_rounding=group["stochastic_rounding"],
+                generator=self.generator,
                 impl=group["impl"],
             )
         return loss
@@ -248,3 +297,10 @@ class LARS(Optimizer):
                     raise ValueError(f"Invalid state_dict: {name} of param id {key!r} has shape "
                                      f"{tuple(value.shape)}, the param has shape {tuple(param.shape)}")
         super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to the param's dtype; masters and their
+        # momentum stay float32.
+        for key, param_state in state_dict["state"].items():
+            param = params_by_id[key]
+            for name, value in param_state.items():
+                if isinstance(value, Tensor) and value.dtype == torch.float32 and param.dtype in _LOW_PRECISION:
+                    self.state[param][name] = value.to(device=param.device, copy=True)

@@ -57,6 +57,50 @@ def clip_trust_ratio(lam: Tensor, lr: float | Tensor) -> Tensor:
     return torch.where(lam < lr, lam / lr, torch.ones_like(lam))
 
 
+def stochastic_round_to_bfloat16(value: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Round float32 ``value`` to bfloat16, up with probability equal to the dropped fraction.
+
+    bfloat16 keeps the top 16 bits of a float32; adding uniform noise below them and truncating
+    rounds up exactly as often as the truncated part is large, so E[round(x)] = x.
+    """
+    bits = value.to(torch.float32).view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _updated(
+    weight: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    lam: Tensor,
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    momentum_form: str,
+    clip_gradient: float | None,
+) -> tuple[Tensor, Tensor | None]:
+    """New (weight, momentum buffer) from the rescaled gradient and the trust ratio."""
+    dtype = weight.dtype
+    update = grad
+    if clip_gradient is not None:
+        update = update.clamp(-clip_gradient, clip_gradient)
+    if weight_decay != 0:
+        update = update + weight_decay * weight
+    if momentum == 0:
+        return weight - (lr * lam).to(dtype) * update, None
+    if momentum_form == "paper":
+        # v = mu * v - lr * lam * g';  w += v   (nesterov: w += mu * v - lr * lam * g')
+        step = (lr * lam).to(dtype) * update
+        new_buf = momentum * buf.to(dtype) - step
+        return weight + (momentum * new_buf - step if nesterov else new_buf), new_buf
+    # b = mu * b + lam * g';  w -= lr * b   (nesterov: w -= lr * (lam * g' + mu * b))
+    scaled = lam.to(dtype) * update
+    new_buf = momentum * buf.to(dtype) + scaled
+    return weight - lr * (scaled + momentum * new_buf if nesterov else new_buf), new_buf
+
+
 def lars_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -91,52 +135,52 @@ def lars_step(
         dtype = math_dtype if math_dtype is not None else compute_dtype(target.dtype)
         weight = target.to(dtype)
 
-        grad = grads[i].to(dtype)
-        if maximize:
-            grad = -grad
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(device=grad.device, dtype=dtype)
-        if rescale_grad != 1.0:
-            grad = grad * rescale_grad
+        def prepared(grad: Tensor) -> Tensor:
+            grad = grad.to(dtype)
+            if maximize:
+                grad = -grad
+            if grad_scale is not None:
+                grad = grad / grad_scale.to(device=grad.device, dtype=dtype)
+            return grad * rescale_grad if rescale_grad != 1.0 else grad
+
+        grad = grads[i]
+        lazy_rows = None
+        if grad.is_sparse and lazy_update:
+            grad = grad.coalesce()  # sums duplicate indices
+            lazy_rows, grad_rows = grad.indices()[0], prepared(grad.values())
+            # |g| of the present rows is the dense |g|; the "update" norm needs the dense g + wd * w.
+            norm_grad = grad_rows if trust_norm == "sum" else prepared(grad.to_dense())
+        else:
+            grad = norm_grad = prepared(grad.to_dense() if grad.is_sparse else grad)  # to_dense sums duplicates
 
         if adapt:
             norm_input = param if norm_source == "param" else target
             w_norm = torch.linalg.vector_norm(norm_input, dtype=compute_dtype(norm_input.dtype))
             lam = trust_ratio(
-                w_norm,
-                grad,
-                weight,
-                weight_decay=weight_decay,
-                eta=eta,
-                epsilon=epsilon,
-                trust_norm=trust_norm,
+                w_norm, norm_grad, weight, weight_decay=weight_decay, eta=eta, epsilon=epsilon, trust_norm=trust_norm
             )
             if trust_clip:
                 lam = clip_trust_ratio(lam, lr)
         else:
             lam = torch.ones((), dtype=torch.float32, device=param.device)
 
-        update = grad
-        if clip_gradient is not None:
-            update = update.clamp(-clip_gradient, clip_gradient)
-        if weight_decay != 0:
-            update = update + weight_decay * weight
-
         buf = momentum_buffers[i]
-        new_buf = None
-        if momentum == 0:
-            new_weight = weight - (lr * lam).to(dtype) * update
-        elif momentum_form == "paper":
-            # v = mu * v - lr * lam * g';  w += v   (nesterov: w += mu * v - lr * lam * g')
-            step = (lr * lam).to(dtype) * update
-            new_buf = momentum * buf.to(dtype) - step
-            new_weight = weight + (momentum * new_buf - step if nesterov else new_buf)
+        hyper = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            momentum_form=momentum_form,
+            clip_gradient=clip_gradient,
+        )
+        if lazy_rows is None:
+            new_weight, new_buf = _updated(weight, grad, buf, lam, **hyper)
         else:
-            # b = mu * b + lam * g';  w -= lr * b   (nesterov: w -= lr * (lam * g' + mu * b))
-            scaled = lam.to(dtype) * update
-            new_buf = momentum * buf.to(dtype) + scaled
-            direction = scaled + momentum * new_buf if nesterov else new_buf
-            new_weight = weight - lr * direction
+            # Lazy sparse update: only the rows present in the gradient change.
+            row_buf = buf.index_select(0, lazy_rows) if buf is not None else None
+            new_rows, new_buf_rows = _updated(weight.index_select(0, lazy_rows), grad_rows, row_buf, lam, **hyper)
+            new_weight = weight.index_copy(0, lazy_rows, new_rows)
+            new_buf = buf.to(dtype).index_copy(0, lazy_rows, new_buf_rows) if buf is not None else None
 
         if found_inf is not None:
             # AMP: an inf/NaN gradient anywhere skips the whole step, without a host sync.
@@ -147,6 +191,9 @@ def lars_step(
 
         if new_buf is not None:
             buf.copy_(new_buf)
-        target.copy_(new_weight)
         if master is not None:
+            master.copy_(new_weight)
+        if stochastic_rounding and master is None and param.dtype == torch.bfloat16:
+            param.copy_(stochastic_round_to_bfloat16(new_weight, generator))
+        else:
             param.copy_(new_weight)
