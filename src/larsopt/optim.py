@@ -14,6 +14,7 @@ from larsopt import functional as F
 
 _STATE_KEYS = ("momentum_buffer", "master_param")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_OWN_SETTINGS = ("multi_precision", "impl")
 
 
 def _is_number(value: Any) -> bool:
@@ -215,9 +216,10 @@ class LARS(Optimizer):
                                        f"{self._param_label(group, index)}; lazy_update needs row-sparse gradients "
                                        "(sparse_dim == 1, as nn.Embedding(sparse=True) makes); set lazy_update=False "
                                        "for a dense update")
-                state = self.state[param] if param in self.state or use_momentum or group["multi_precision"] else {}
+                wants_master = group["multi_precision"] and param.dtype in _LOW_PRECISION
+                state = self.state[param] if param in self.state or use_momentum or wants_master else {}
                 master = None
-                if group["multi_precision"] and param.dtype in _LOW_PRECISION:
+                if wants_master:
                     if "master_param" not in state:
                         state["master_param"] = param.detach().to(torch.float32, copy=True)
                     master = state["master_param"]
@@ -265,7 +267,11 @@ class LARS(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`. A state that does not fit this optimizer
-        raises ``ValueError`` and leaves the optimizer unchanged."""
+        raises ``ValueError`` and leaves the optimizer unchanged.
+
+        Hyper-parameters come from the saved state, except ``multi_precision`` and ``impl``,
+        which stay as this optimizer was built. Masters missing from the state (e.g. saved
+        without ``multi_precision``) are rebuilt from the params at the next step."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups' "
                              "(as returned by LARS.state_dict())")
@@ -296,7 +302,12 @@ class LARS(Optimizer):
                 if isinstance(value, Tensor) and value.shape != param.shape:
                     raise ValueError(f"Invalid state_dict: {name} of param id {key!r} has shape "
                                      f"{tuple(value.shape)}, the param has shape {tuple(param.shape)}")
+        # How this optimizer stores and computes (masters, implementation) is its own choice, not
+        # a training hyper-parameter: keep it rather than taking the saved one.
+        own = [{key: group[key] for key in _OWN_SETTINGS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, settings in zip(self.param_groups, own):
+            group.update(settings)
         # torch casts every floating state tensor to the param's dtype; masters and their
         # momentum stay float32.
         for key, param_state in state_dict["state"].items():
