@@ -71,7 +71,7 @@ class LARS(Optimizer):
         gr  = rescale_grad * g                         (-g first if maximize)
         lam = eta * |w| / (|gr| + wd * |w| + epsilon)  trust_norm="sum"
             = eta * |w| / (|gr + wd * w| + epsilon)    trust_norm="update"
-            = 1 if |w| == 0, the denominator norm is 0, a norm is not finite, or lars=False
+            = 1 if |w| == 0, |gr| == 0, a norm is not finite, or lars=False
         lam = min(lam / lr, 1)                         if trust_clip (LARC)
         g'  = clip(gr, -clip_gradient, clip_gradient) + wd * w
         paper:  v = mu * v - lr * lam * g';  w += v    (nesterov: w += mu * v - lr * lam * g')

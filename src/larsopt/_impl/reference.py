@@ -35,17 +35,19 @@ def trust_ratio(
     * ``trust_norm="sum"``:    lam = eta * |w| / (|g| + wd * |w| + epsilon)
     * ``trust_norm="update"``: lam = eta * |w| / (|g + wd * w| + epsilon)
 
-    Fallback (MXNet's rule): lam = 1 (the plain lr, no eta) when |w| == 0, when the denominator's
-    norm (|g|, or |g + wd * w|) is 0, or when either norm is not finite.
+    Fallback (MXNet's rule, the same for both norms): lam = 1 (the plain lr, no eta) when
+    |w| == 0 or |g| == 0, or when a norm is not finite. ("update" also falls back when
+    |g + wd * w| == 0, so lam is always finite.)
     """
+    g_norm = torch.linalg.vector_norm(grad, dtype=compute_dtype(grad.dtype))
+    valid = (w_norm > 0) & (g_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(g_norm)
     if trust_norm == "sum":
-        d_norm = torch.linalg.vector_norm(grad, dtype=compute_dtype(grad.dtype))
-        denominator = d_norm + weight_decay * w_norm + epsilon
+        denominator = g_norm + weight_decay * w_norm + epsilon
     else:
         update = grad + weight_decay * weight if weight_decay != 0 else grad
-        d_norm = torch.linalg.vector_norm(update, dtype=compute_dtype(update.dtype))
-        denominator = d_norm + epsilon
-    valid = (w_norm > 0) & (d_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(d_norm)
+        u_norm = torch.linalg.vector_norm(update, dtype=compute_dtype(update.dtype))
+        valid &= (u_norm > 0) & torch.isfinite(u_norm)
+        denominator = u_norm + epsilon
     return torch.where(valid, eta * w_norm / denominator, torch.ones_like(w_norm))
 
 
