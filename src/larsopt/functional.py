@@ -31,24 +31,113 @@ the params. Gradients are never modified.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from larsopt._impl import reference
+from larsopt._impl import foreach, fused_cpu, reference
 
 MOMENTUM_FORMS = ("paper", "torch")
 TRUST_NORMS = ("sum", "update")
 NORM_SOURCES = ("master", "param")
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "foreach", "fused")
 
-_IMPLEMENTATIONS = {"reference": reference.lars_step}
+
+_Tensors = Sequence[Tensor]
+_MaybeTensors = Sequence["Tensor | None"]
+
+
+def _foreach_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors, master_params: _MaybeTensors,
+                  **options: Any) -> None:
+    """foreach for the tensors it covers, the reference for the rest."""
+    covered = [
+        i for i, (p, g, m) in enumerate(zip(params, grads, master_params))
+        if foreach.covers(p, g, m, math_dtype=options["math_dtype"], stochastic_rounding=options["stochastic_rounding"])
+    ]
+    _run_foreach(covered, params, grads, momentum_buffers, options)
+    _run_reference(_others(covered, len(params)), params, grads, momentum_buffers, master_params, options)
+
+
+def _fused_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors, master_params: _MaybeTensors,
+                **options: Any) -> None:
+    """The fused CPU kernel for the CPU tensors it covers (one call per dtype), foreach for other
+    covered tensors (other devices, or no C++ compiler here), the reference for the rest."""
+    kernel_groups: dict[torch.dtype, list[int]] = {}
+    for i, (p, g, b, m) in enumerate(zip(params, grads, momentum_buffers, master_params)):
+        if fused_cpu.covers(p, g, b if options["momentum"] != 0 else None, m, math_dtype=options["math_dtype"],
+                            stochastic_rounding=options["stochastic_rounding"]):
+            kernel_groups.setdefault(p.dtype, []).append(i)
+    done: list[int] = []
+    for indices in kernel_groups.values():
+        if fused_cpu.lars_step(
+            [params[i] for i in indices],
+            [grads[i] for i in indices],
+            [momentum_buffers[i] for i in indices],
+            **{name: options[name] for name in _FUSED_OPTIONS},
+        ):
+            done.extend(indices)
+    rest = _others(done, len(params))
+    covered = [
+        i for i in rest
+        if foreach.covers(params[i], grads[i], master_params[i], math_dtype=options["math_dtype"],
+                          stochastic_rounding=options["stochastic_rounding"])
+    ]
+    _run_foreach(covered, params, grads, momentum_buffers, options)
+    _run_reference(_others(done + covered, len(params)), params, grads, momentum_buffers, master_params, options)
+
+
+_FUSED_OPTIONS = (
+    "lr", "weight_decay", "momentum", "eta", "epsilon", "adapt", "nesterov", "momentum_form", "trust_norm",
+    "trust_clip", "rescale_grad", "clip_gradient", "maximize", "grad_scale", "found_inf",
+)
+_REFERENCE_ONLY_OPTIONS = ("norm_source", "math_dtype", "lazy_update", "stochastic_rounding", "generator")
+
+
+def _others(indices: list[int], count: int) -> list[int]:
+    taken = set(indices)
+    return [i for i in range(count) if i not in taken]
+
+
+def _run_foreach(indices: list[int], params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors,
+                 options: dict[str, Any]) -> None:
+    if indices:
+        foreach.lars_step(
+            [params[i] for i in indices],
+            [grads[i] for i in indices],
+            [momentum_buffers[i] for i in indices],
+            **{name: value for name, value in options.items() if name not in _REFERENCE_ONLY_OPTIONS},
+        )
+
+
+def _run_reference(indices: list[int], params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors,
+                   master_params: _MaybeTensors, options: dict[str, Any]) -> None:
+    if indices:
+        reference.lars_step(
+            [params[i] for i in indices],
+            [grads[i] for i in indices],
+            [momentum_buffers[i] for i in indices],
+            [master_params[i] for i in indices],
+            **options,
+        )
+
+
+_IMPLEMENTATIONS = {"reference": reference.lars_step, "foreach": _foreach_step, "fused": _fused_step}
 
 
 def resolve_impl(impl: str) -> str:
-    """The implementation ``impl="auto"`` stands for."""
+    """The implementation ``impl="auto"`` stands for: ``"fused"``.
+
+    Why: on CPU the fused kernel runs a step at 1.0-1.3x the time of torch's fused SGD
+    (``docs/performance.md``), 2-4x faster than the reference and foreach paths, allocates
+    nothing, and its one-time build takes about 2-3 s (then loaded from the disk cache in
+    milliseconds), inside the 10 s cold / 3 s warm first-step budget. On other devices, and on
+    CPU when no C++ compiler is available, "fused" runs the sync-free foreach path. Tensors no
+    fast path covers (master copies, ``math_dtype``, sparse gradients, stochastic rounding) take
+    the reference in every case.
+    """
     if impl == "auto":
-        return "reference"
+        return "fused"
     return impl
 
 

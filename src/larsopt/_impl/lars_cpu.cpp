@@ -1,0 +1,268 @@
+// One LARS step over a list of CPU tensors of one dtype, in a single native call.
+//
+// Built at first use by larsopt/_impl/fused_cpu.py and called through ctypes. The formulas are
+// those of larsopt/_impl/reference.py, written element by element in the same order of
+// operations (no FMA contraction: the build uses -ffp-contract=off), so results match the
+// reference up to the summation order of the norms.
+//
+// Memory traffic: each tensor is processed whole before the next one: pass 1 reads w and g for
+// the norms, pass 2 reads them again (from cache for tensors whose w + g fit in the last-level
+// cache) together with the momentum buffer and writes w and the buffer. For cache-sized tensors
+// that is SGD's 20 bytes/param of DRAM traffic instead of LARS's 28. Nothing is allocated.
+//
+// Threads: tensors below kCooperativeNumel are spread whole over the threads; larger tensors are
+// split into one contiguous slice per thread, and the same slice goes to the same thread in both
+// passes so that it is still in that core's cache.
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kCooperativeNumel = 1 << 15;
+constexpr int64_t kBlock = 1024;  // float partial sums over 1024 elements, then added in double
+
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline double load(const double* p, int64_t i) { return p[i]; }
+inline float load(const BFloat16* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(p[i].bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(double* p, int64_t i, double v) { p[i] = v; }
+inline void store(BFloat16* p, int64_t i, float v) {
+  // Round to nearest even, NaN to the canonical quiet NaN: what torch's float -> bfloat16 does.
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    p[i].bits = 0x7fc0;
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  p[i].bits = static_cast<uint16_t>(u >> 16);
+}
+
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+enum Form : int { kNoMomentum = 0, kPaper = 1, kTorch = 2 };
+
+struct Hyper {
+  double lr, weight_decay, momentum, eta, epsilon, rescale, clip, grad_scale;
+  bool adapt, nesterov, trust_update, trust_clip, maximize, has_scale, has_wd;
+  int form;
+};
+
+// The rescaled gradient gr = ((±g) / scale) * r, in the reference's order. Dividing by 1 and
+// multiplying by 1 are exact, so the flags only pick the sign.
+template <typename D>
+inline D rescaled(D g, D sign, D scale, D rescale) {
+  return ((g * sign) / scale) * rescale;
+}
+
+// Sums of squares of w and of the trust-ratio denominator's vector over [begin, end).
+template <typename T, bool TrustUpdate>
+void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* ww_out,
+                     double* dd_out) {
+  using D = typename Compute<T>::type;
+  const D sign = h.maximize ? D(-1) : D(1), scale = D(h.grad_scale), rescale = D(h.rescale), wd = D(h.weight_decay);
+  double ww = 0, dd = 0;
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t stop = start + kBlock < end ? start + kBlock : end;
+    D bw = 0, bd = 0;
+#pragma omp simd reduction(+ : bw, bd)
+    for (int64_t i = start; i < stop; ++i) {
+      const D wi = load(w, i);
+      D d = rescaled(D(load(g, i)), sign, scale, rescale);
+      if (TrustUpdate) d = d + wd * wi;
+      bw += wi * wi;
+      bd += d * d;
+    }
+    ww += bw;
+    dd += bd;
+  }
+  *ww_out = ww;
+  *dd_out = dd;
+}
+
+// lam from the sums of squares, as reference.trust_ratio / clip_trust_ratio compute it.
+template <typename D>
+D trust_ratio(double ww, double dd, const Hyper& h) {
+  if (!h.adapt) return D(1);
+  const D w_norm = D(std::sqrt(ww)), d_norm = D(std::sqrt(dd));
+  const D denominator = h.trust_update ? d_norm + D(h.epsilon) : (d_norm + D(h.weight_decay) * w_norm) + D(h.epsilon);
+  const bool valid = w_norm > 0 && d_norm > 0 && std::isfinite(w_norm) && std::isfinite(d_norm);
+  D lam = valid ? (D(h.eta) * w_norm) / denominator : D(1);
+  if (h.trust_clip) lam = lam < D(h.lr) ? lam / D(h.lr) : D(1);
+  return lam;
+}
+
+// The update over [begin, end) with trust ratio lam (reference._updated, element-wise).
+template <typename T, int F, bool Nesterov, bool HasWd>
+void update_range(T* w, const T* g, T* b, int64_t begin, int64_t end, typename Compute<T>::type lam,
+                  const Hyper& h) {
+  using D = typename Compute<T>::type;
+  const D sign = h.maximize ? D(-1) : D(1), scale = D(h.grad_scale), rescale = D(h.rescale);
+  const D wd = D(h.weight_decay), mu = D(h.momentum), lr = D(h.lr);
+  const D clip = D(h.clip);  // +inf when clip_gradient is None: the clamp is then the identity
+  const D step_size = lr * lam;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const D wi = load(w, i);
+    D u = rescaled(D(load(g, i)), sign, scale, rescale);
+    u = u < -clip ? -clip : (u > clip ? clip : u);  // NaN passes through, as in torch.clamp
+    if (HasWd) u = u + wd * wi;
+    if (F == kNoMomentum) {
+      store(w, i, wi - step_size * u);
+    } else if (F == kPaper) {
+      const D step = step_size * u;
+      const D v = mu * D(load(b, i)) - step;
+      store(b, i, v);
+      store(w, i, wi + (Nesterov ? mu * v - step : v));
+    } else {
+      const D scaled = lam * u;
+      const D v = mu * D(load(b, i)) + scaled;
+      store(b, i, v);
+      store(w, i, wi - lr * (Nesterov ? scaled + mu * v : v));
+    }
+  }
+}
+
+template <typename T>
+using UpdateFn = void (*)(T*, const T*, T*, int64_t, int64_t, typename Compute<T>::type, const Hyper&);
+
+template <typename T>
+UpdateFn<T> pick_update(const Hyper& h) {
+  const int key = h.form * 4 + (h.nesterov ? 2 : 0) + (h.has_wd ? 1 : 0);
+  switch (key) {
+    case 0: case 2: return update_range<T, kNoMomentum, false, false>;
+    case 1: case 3: return update_range<T, kNoMomentum, false, true>;
+    case 4: return update_range<T, kPaper, false, false>;
+    case 5: return update_range<T, kPaper, false, true>;
+    case 6: return update_range<T, kPaper, true, false>;
+    case 7: return update_range<T, kPaper, true, true>;
+    case 8: return update_range<T, kTorch, false, false>;
+    case 9: return update_range<T, kTorch, false, true>;
+    case 10: return update_range<T, kTorch, true, false>;
+    default: return update_range<T, kTorch, true, true>;
+  }
+}
+
+template <typename T>
+void sums(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* ww, double* dd) {
+  if (h.trust_update) {
+    sums_of_squares<T, true>(w, g, begin, end, h, ww, dd);
+  } else {
+    sums_of_squares<T, false>(w, g, begin, end, h, ww, dd);
+  }
+}
+
+// Momentum buffers are absent (a null array) when momentum == 0.
+template <typename T>
+T* buffer(void* const* buffers, int64_t t) {
+  return buffers != nullptr ? static_cast<T*>(buffers[t]) : nullptr;
+}
+
+template <typename T>
+void step(int64_t count, void* const* params, void* const* grads, void* const* buffers, const int64_t* numels,
+          const Hyper& h, int threads) {
+  using D = typename Compute<T>::type;
+  const UpdateFn<T> update = pick_update<T>(h);
+  std::vector<int64_t> whole, cooperative;
+  for (int64_t t = 0; t < count; ++t) (numels[t] < kCooperativeNumel || threads == 1 ? whole : cooperative).push_back(t);
+  // Per-thread partial sums of the cooperative tensors, two doubles per (tensor, thread).
+  std::vector<double> partial(cooperative.size() * threads * 2, 0.0);
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    const int nthreads = omp_get_num_threads();
+#pragma omp for schedule(dynamic, 4) nowait
+    for (int64_t k = 0; k < static_cast<int64_t>(whole.size()); ++k) {
+      const int64_t t = whole[k];
+      T* w = static_cast<T*>(params[t]);
+      const T* g = static_cast<const T*>(grads[t]);
+      double ww = 0, dd = 0;
+      if (h.adapt) sums(w, g, 0, numels[t], h, &ww, &dd);
+      update(w, g, buffer<T>(buffers, t), 0, numels[t], trust_ratio<D>(ww, dd, h), h);
+    }
+    for (size_t k = 0; k < cooperative.size(); ++k) {
+      const int64_t t = cooperative[k], n = numels[t];
+      // Slices aligned to 16 elements (64 bytes for float32) so threads do not share cache lines.
+      const int64_t per_thread = ((n + nthreads - 1) / nthreads + 15) / 16 * 16;
+      const int64_t begin = tid * per_thread < n ? tid * per_thread : n;
+      const int64_t end = begin + per_thread < n ? begin + per_thread : n;
+      T* w = static_cast<T*>(params[t]);
+      const T* g = static_cast<const T*>(grads[t]);
+      double* mine = &partial[(k * threads + tid) * 2];
+      if (h.adapt) {
+        sums(w, g, begin, end, h, &mine[0], &mine[1]);
+#pragma omp barrier
+      }
+      double ww = 0, dd = 0;
+      for (int other = 0; other < nthreads; ++other) {  // same order in every thread: same lam
+        ww += partial[(k * threads + other) * 2];
+        dd += partial[(k * threads + other) * 2 + 1];
+      }
+      update(w, g, buffer<T>(buffers, t), begin, end, trust_ratio<D>(ww, dd, h), h);
+    }
+  }
+}
+
+double read_scalar(const void* ptr, int kind, double fallback) {
+  if (kind == 1) return *static_cast<const float*>(ptr);
+  if (kind == 2) return *static_cast<const double*>(ptr);
+  return fallback;
+}
+
+}  // namespace
+
+// dtype: 0 float32, 1 float64, 2 bfloat16. hyper: lr, weight_decay, momentum, eta, epsilon,
+// rescale_grad, clip_gradient (inf: off). flags: adapt, nesterov, trust_norm == "update",
+// trust_clip, maximize, momentum form (0 none, 1 paper, 2 torch). lr, grad_scale and found_inf
+// may be read from 0-d tensors (kind 1 float32, 2 float64, 0 absent) at call time, which is how a
+// tensor lr changes every step without the caller converting it to a Python number.
+// Returns 0, or 1 when found_inf > 0 (nothing written, as AMP's skipped step).
+extern "C" int larsopt_lars_step(int dtype, int64_t count, void* const* params, void* const* grads,
+                                 void* const* buffers, const int64_t* numels, const double* hyper,
+                                 const int32_t* flags, const void* lr_ptr, int lr_kind, const void* scale_ptr,
+                                 int scale_kind, const void* found_inf_ptr, int found_inf_kind, int threads) {
+  if (found_inf_kind != 0 && read_scalar(found_inf_ptr, found_inf_kind, 0.0) > 0) return 1;
+  Hyper h;
+  h.lr = read_scalar(lr_ptr, lr_kind, hyper[0]);
+  h.weight_decay = hyper[1];
+  h.momentum = hyper[2];
+  h.eta = hyper[3];
+  h.epsilon = hyper[4];
+  h.rescale = hyper[5];
+  h.clip = hyper[6];
+  h.has_scale = scale_kind != 0;
+  h.grad_scale = read_scalar(scale_ptr, scale_kind, 1.0);
+  h.adapt = flags[0] != 0;
+  h.nesterov = flags[1] != 0;
+  h.trust_update = flags[2] != 0;
+  h.trust_clip = flags[3] != 0;
+  h.maximize = flags[4] != 0;
+  h.form = flags[5];
+  h.has_wd = h.weight_decay != 0;
+  if (threads < 1) threads = 1;
+  if (dtype == 0) {
+    step<float>(count, params, grads, buffers, numels, h, threads);
+  } else if (dtype == 1) {
+    step<double>(count, params, grads, buffers, numels, h, threads);
+  } else {
+    step<BFloat16>(count, params, grads, buffers, numels, h, threads);
+  }
+  return 0;
+}

@@ -1,0 +1,297 @@
+"""``larsopt bench``: optimizer-step time of every larsopt path against torch SGD and other LARS.
+
+Method (the same as the measurements in ``docs/performance.md``):
+
+* Parameter sets with random gradients: ResNet-50 (torchvision's 161 tensor shapes, 25,557,032
+  params), BERT-base (199 tensors, 109,482,240 params) and "small" (2,000 tensors x 1,024).
+* Every row steps its own params (fresh optimizer state) with the same gradients, after warm-up
+  steps. The first step of each row is timed on its own ("first ms": kernel builds, compiles).
+* Timing interleaves blocks of consecutive steps per row and rotates the order every round, so
+  the drift of a shared machine hits all rows alike. The table gives the median and the
+  25-75th percentiles; ratios are taken against torch SGD ``fused=True`` from the same run.
+* "eff. GB/s" uses the minimal traffic: SGD with momentum 20 bytes/param (read w, g, b; write w, b),
+  LARS 28 (w and g read twice); the probe ``a.add_(b)`` on one flat tensor moves 12.
+* "faults/step" are the minor page faults of the process per step (``getrusage``): a step that
+  allocates fresh memory proportional to the model shows thousands.
+* Hyper-parameters: lr 0.1, momentum 0.9, weight decay 5e-5, trust coefficient 0.001, eps 1e-8.
+
+Peers that are not installed are listed with a note instead of numbers: pytorch-optimizer
+(``pip install pytorch-optimizer``) and timm's LARS, loaded from ``timm/optim/lars.py`` as a
+standalone module because ``import timm`` needs torchvision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from larsopt import LARS, functional
+
+LR, MOMENTUM, WEIGHT_DECAY, TRUST, EPS = 0.1, 0.9, 5e-5, 0.001, 1e-8
+PARAM_SETS = ("resnet50", "bert", "small")
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """torchvision resnet50's parameter shapes, in ``named_parameters()`` order (161 tensors)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shapes += [(width, inplanes, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (width * 4, width, 1, 1), (width * 4,), (width * 4,)]
+            if block == 0:
+                shapes += [(width * 4, inplanes, 1, 1), (width * 4,), (width * 4,)]
+            inplanes = width * 4
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def bert_base_shapes() -> list[tuple[int, ...]]:
+    """BERT-base (uncased) parameter shapes with the pooler (199 tensors)."""
+    hidden, ffn = 768, 3072
+    shapes: list[tuple[int, ...]] = [(30522, hidden), (512, hidden), (2, hidden), (hidden,), (hidden,)]
+    for _ in range(12):
+        shapes += [(hidden, hidden), (hidden,)] * 4 + [(hidden,), (hidden,)]
+        shapes += [(ffn, hidden), (ffn,), (hidden, ffn), (hidden,), (hidden,), (hidden,)]
+    return shapes + [(hidden, hidden), (hidden,)]
+
+
+def param_set_shapes(name: str) -> list[tuple[int, ...]]:
+    if name == "resnet50":
+        return resnet50_shapes()
+    if name == "bert":
+        return bert_base_shapes()
+    return [(1024,)] * 2000
+
+
+@dataclass
+class Row:
+    """One implementation under test: ``step()`` advances it by one optimizer step."""
+
+    name: str
+    bytes_per_param: int
+    step: Callable[[], Any] | None = None
+    note: str = ""
+    first_ms: float = math.nan
+    times_ms: list[float] = field(default_factory=list)
+    faults: int = 0
+
+
+def _load_timm_lars() -> tuple[type | None, str]:
+    """timm's ``Lars`` class loaded from its file (``import timm`` needs torchvision)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or spec.submodule_search_locations is None:
+        return None, "timm not installed (pip install --no-deps timm)"
+    optim_dir = Path(list(spec.submodule_search_locations)[0]) / "optim"
+    package = types.ModuleType("_larsopt_bench_timm_optim")
+    package.__path__ = [str(optim_dir)]
+    sys.modules[package.__name__] = package
+    try:
+        for module in ("_helpers", "lars"):
+            file_spec = importlib.util.spec_from_file_location(f"{package.__name__}.{module}", optim_dir / f"{module}.py")
+            loaded = importlib.util.module_from_spec(file_spec)
+            sys.modules[file_spec.name] = loaded
+            file_spec.loader.exec_module(loaded)
+        return sys.modules[f"{package.__name__}.lars"].Lars, ""
+    except Exception as error:  # a timm version whose lars.py imports more than _helpers
+        return None, f"timm's lars.py does not load standalone: {type(error).__name__}: {error}"
+
+
+def _load_pto_lars() -> tuple[type | None, str]:
+    try:
+        from pytorch_optimizer import LARS as PtoLARS
+    except ImportError:
+        return None, "pytorch-optimizer not installed (pip install pytorch-optimizer)"
+    return PtoLARS, ""
+
+
+def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh params (same values for every row: seeded) with ``.grad`` set to the shared grads."""
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape, grad in zip(shapes, grads):
+        param = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.05).to(dtype))
+        param.grad = grad
+        params.append(param)
+    return params
+
+
+def _optimizer_row(name: str, bytes_per_param: int, make: Callable[[list[torch.Tensor]], Any],
+                   shapes: list[tuple[int, ...]], dtype: torch.dtype, grads: list[torch.Tensor],
+                   own_grads: bool = False, note: str = "") -> Row:
+    if own_grads:  # the optimizer writes into p.grad: give it a copy so the other rows are unaffected
+        grads = [g.clone() for g in grads]
+    optimizer = make(_params(shapes, dtype, grads))
+    return Row(name, bytes_per_param, optimizer.step, note)
+
+
+def build_rows(set_name: str, dtype: torch.dtype) -> list[Row]:
+    """Every row for one parameter set and dtype (peers not installed get a note, no step)."""
+    shapes = param_set_shapes(set_name)
+    generator = torch.Generator().manual_seed(1)
+    grads = [(torch.randn(shape, generator=generator) * 0.01).to(dtype) for shape in shapes]
+    numel = sum(math.prod(shape) for shape in shapes)
+    probe_a = torch.zeros(numel, dtype=dtype)
+    probe_b = torch.ones(numel, dtype=dtype)
+    rows = [Row("probe: a.add_(b) in place, one flat tensor", 12, lambda: probe_a.add_(probe_b))]
+
+    def sgd(**flags: bool) -> Callable[[list[torch.Tensor]], Any]:
+        return lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **flags)
+
+    rows.append(_optimizer_row("torch SGD fused=True", 20, sgd(fused=True), shapes, dtype, grads))
+    rows.append(_optimizer_row("torch SGD foreach=True", 20, sgd(foreach=True), shapes, dtype, grads))
+    rows.append(_optimizer_row("torch SGD for-loop (foreach=False)", 20, sgd(foreach=False), shapes, dtype, grads))
+    lars_options = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, eta=TRUST, epsilon=EPS)
+    for impl in functional.IMPLS:
+        label = f"larsopt impl={impl}" + (f" (= {functional.resolve_impl(impl)})" if impl == "auto" else "")
+        rows.append(_optimizer_row(label, 28, lambda params, impl=impl: LARS(params, impl=impl, **lars_options),
+                                   shapes, dtype, grads))
+
+    timm_lars, why = _load_timm_lars()
+    for foreach in (False, True):
+        name = f"timm Lars foreach={foreach}"
+        if timm_lars is None:
+            rows.append(Row(name, 28, note=why))
+            continue
+        rows.append(_optimizer_row(
+            name, 28, lambda params, foreach=foreach: timm_lars(params, lr=LR, momentum=MOMENTUM,
+                                                                weight_decay=WEIGHT_DECAY, trust_coeff=TRUST,
+                                                                eps=EPS, foreach=foreach),
+            shapes, dtype, grads))
+    pto_lars, why = _load_pto_lars()
+    for foreach in (False, True):
+        name = f"pytorch-optimizer LARS foreach={foreach}"
+        if pto_lars is None:
+            rows.append(Row(name, 28, note=why))
+            continue
+        rows.append(_optimizer_row(
+            name, 28, lambda params, foreach=foreach: pto_lars(params, lr=LR, momentum=MOMENTUM,
+                                                               weight_decay=WEIGHT_DECAY, trust_coefficient=TRUST,
+                                                               foreach=foreach),
+            shapes, dtype, grads, own_grads=True, note="no LARS/wd on 1-D params; writes into p.grad"))
+    return rows
+
+
+def _timed(step: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    step()
+    return (time.perf_counter() - start) * 1e3
+
+
+def run_set(set_name: str, dtype: torch.dtype, *, steps: int, block: int, warmup: int,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure every row of one parameter set; returns the JSON-ready result."""
+    rows = build_rows(set_name, dtype)
+    active = [row for row in rows if row.step is not None]
+    for row in active:
+        row.first_ms = _timed(row.step)
+        for _ in range(warmup):
+            row.step()
+    rounds = math.ceil(steps / block)
+    for round_index in range(rounds):
+        shift = round_index % len(active)
+        for row in active[shift:] + active[:shift]:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(block):
+                row.times_ms.append(_timed(row.step))
+            row.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        log(f"  {set_name} {dtype}: round {round_index + 1}/{rounds}")
+    shapes = param_set_shapes(set_name)
+    numel = sum(math.prod(shape) for shape in shapes)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    medians = {row.name: statistics.median(row.times_ms) for row in active}
+    sgd_fused = medians.get("torch SGD fused=True")
+    probe = medians.get(rows[0].name)
+    results = []
+    for row in rows:
+        entry: dict[str, Any] = {"name": row.name, "note": row.note}
+        if row.step is not None:
+            q1, _, q3 = statistics.quantiles(row.times_ms, n=4)
+            median = medians[row.name]
+            # Traffic model in float32 bytes; scaled for other element sizes.
+            gigabytes = row.bytes_per_param * element_size / 4 * numel / 1e9
+            entry.update(
+                median_ms=median, p25_ms=q1, p75_ms=q3, first_ms=row.first_ms,
+                vs_sgd_fused=median / sgd_fused if sgd_fused else None,
+                effective_gbps=gigabytes / (median / 1e3),
+                percent_of_probe=100 * (probe / median) * (row.bytes_per_param / 12) if probe else None,
+                faults_per_step=row.faults / len(row.times_ms),
+                steps=len(row.times_ms),
+            )
+        results.append(entry)
+    return {"set": set_name, "dtype": str(dtype).removeprefix("torch."), "tensors": len(shapes), "params": numel,
+            "rows": results}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table of one parameter set."""
+    lines = [
+        f"### {result['set']}: {result['tensors']} tensors, {result['params']:,} {result['dtype']} params",
+        "",
+        "| step | median ms | p25-p75 ms | vs SGD fused | first ms | eff. GB/s | % of probe | faults/step | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in result["rows"]:
+        if "median_ms" not in row:
+            lines.append(f"| {row['name']} | - | - | - | - | - | - | - | skipped: {row['note']} |")
+            continue
+        lines.append(
+            f"| {row['name']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f}-{row['p75_ms']:.2f} | "
+            f"{row['vs_sgd_fused']:.2f}x | {row['first_ms']:.1f} | {row['effective_gbps']:.1f} | "
+            f"{row['percent_of_probe']:.0f}% | {row['faults_per_step']:.0f} | {row['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print one table per parameter set. Returns the exit status."""
+    parser = argparse.ArgumentParser(prog="larsopt bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default=",".join(PARAM_SETS),
+                        help=f"comma-separated parameter sets among {', '.join(PARAM_SETS)} (default: all)")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16 (default float32)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per row (default 60; BERT uses a quarter)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    args = parser.parse_args(argv)
+    sets = [name.strip() for name in args.sets.split(",") if name.strip()]
+    dtypes = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+    unknown = [name for name in sets if name not in PARAM_SETS] + [
+        name for name in dtypes if name not in ("float32", "bfloat16")]
+    if unknown or args.steps < 4:
+        parser.error(f"unknown set or dtype {unknown}" if unknown else "--steps must be at least 4")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    results = []
+    with torch.no_grad():
+        for set_name in sets:
+            for dtype_name in dtypes:
+                large = set_name == "bert"
+                result = run_set(set_name, getattr(torch, dtype_name),
+                                 steps=max(4, args.steps // 4) if large else args.steps,
+                                 block=3 if large else 5, warmup=2 if large else 3, log=log)
+                results.append(result)
+                print(format_table(result) + "\n", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                               "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
