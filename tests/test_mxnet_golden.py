@@ -37,7 +37,7 @@ def make_optimizer(case: dict, path: str) -> lmx.LARS:
 
 def as_float64(array) -> np.ndarray:
     if isinstance(array, torch.Tensor):
-        return array.detach().to(torch.float64).numpy()
+        return array.detach().to(device="cpu", dtype=torch.float64).numpy()
     return np.asarray(array, dtype=np.float64)
 
 
@@ -52,7 +52,7 @@ def assert_matches(case_name: str, step: int, dtype: str, before, after, expecte
             assert np.abs(a - e).max() / scale <= 1e-5, (case_name, step, a, e)
 
 
-def run_case(case_name: str, path: str, *, kind: str) -> None:
+def run_case(case_name: str, path: str, *, kind: str, device: str = "cpu") -> None:
     """Replay one golden case; ``kind`` is "direct" (update_multi_precision with both
     indices, as the generator does), "updater" (through lmx.get_updater) or "numpy"."""
     case = GOLDEN["cases"][case_name]
@@ -61,7 +61,8 @@ def run_case(case_name: str, path: str, *, kind: str) -> None:
     if kind == "numpy":
         weights = [np.array(w, dtype=dtype) for w in case.get("weights", GOLDEN["W0"])]
     else:
-        weights = [torch.tensor(w, dtype=getattr(torch, dtype)) for w in case.get("weights", GOLDEN["W0"])]
+        weights = [torch.tensor(w, dtype=getattr(torch, dtype), device=device)
+                   for w in case.get("weights", GOLDEN["W0"])]
     updater = lmx.get_updater(opt)
     states = [opt.create_state_multi_precision(i, w) for i, w in enumerate(weights)]
     for step, (step_grads, expected) in enumerate(zip(case.get("grads", GOLDEN["GS"]), case["out"][path])):
@@ -69,7 +70,7 @@ def run_case(case_name: str, path: str, *, kind: str) -> None:
         if kind == "numpy":
             grads = [np.array(g, dtype=dtype) for g in step_grads]
         else:
-            grads = [torch.tensor(g, dtype=getattr(torch, dtype)) for g in step_grads]
+            grads = [torch.tensor(g, dtype=getattr(torch, dtype), device=device) for g in step_grads]
         if kind == "updater":
             updater([0, 1], grads, weights)
         else:
@@ -90,6 +91,12 @@ def test_golden_through_updater(case_name: str, path: str) -> None:
 @pytest.mark.parametrize("case_name", list(GOLDEN["cases"]))
 def test_golden_numpy_arrays(case_name: str) -> None:
     run_case(case_name, "fused_agg1", kind="numpy")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case_name,path", CASE_PATHS)
+def test_golden_on_cuda(case_name: str, path: str) -> None:
+    run_case(case_name, path, kind="updater", device="cuda")
 
 
 def test_every_case_and_path_is_covered() -> None:
