@@ -128,6 +128,19 @@ def test_numpy_arrays_are_updated_in_place():
     np.testing.assert_array_equal(g, [[0.5, -0.5], [1.0, 2.0]])
 
 
+@pytest.mark.parametrize("dtype,multi_precision", [(torch.float32, False), (torch.float16, True)])
+def test_model_parameters_are_updated_in_place(dtype, multi_precision):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).to(dtype)
+    model(torch.randn(4, 3, dtype=dtype)).sum().backward()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    updater = lmx.get_updater(lmx.LARS(momentum=0.9, multi_precision=multi_precision, eta=0.1))
+    updater(list(range(len(params))), [p.grad for p in params], params)
+    assert all(p.requires_grad and p.grad_fn is None for p in params)
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
 def test_read_only_numpy_weight_is_an_error():
     w = np.ones(3, dtype=np.float32)
     w.flags.writeable = False

@@ -149,10 +149,14 @@ class LARS(Optimizer):
         self._apply(indices, weights, grads, states, lrs, wds, norm_source="param",
                     lazy_update=self.lazy_update)
 
+    @torch.no_grad()
     def _apply(self, indices: Sequence[Index], weights: Sequence[Any], grads: Sequence[Any],
                states: Sequence[Any], lrs: Sequence[float], wds: Sequence[float], *, norm_source: str,
                lazy_update: bool) -> None:
-        """Group the weights by what the core takes as scalars and call it once per group."""
+        """Group the weights by what the core takes as scalars and call it once per group.
+
+        Runs without autograd: the weights may be a model's parameters (leaves that require grad).
+        """
         # The fused kernels clip iff clip_gradient >= 0, and step with momentum only if it is > 0.
         clip = self.clip_gradient if self.clip_gradient is not None and self.clip_gradient >= 0 else None
         groups: dict[tuple, list[_Member]] = {}
