@@ -236,7 +236,13 @@ def make_problem(seed: int, shapes=SHAPES, steps: int = 4, grad_scales=None, n_g
 LR_SCHEDULE = [1.0, 0.5, 2.0, 0.25]
 
 # Every implementation behind the functional core must give the reference's numbers.
-IMPLS = list(larsopt.functional.IMPLS)  # lr changes at every step: paper and torch forms differ
+IMPLS = list(larsopt.functional.IMPLS)
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """The implementation under test (tests that take ``impl`` run once per implementation)."""
+    return request.param  # lr changes at every step: paper and torch forms differ
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,12 +269,11 @@ def test_reference_by_hand():
 # --------------------------------------------------------------------------------------------
 
 MOMENTUM_SETTINGS = [(0.0, "paper", False), (0.9, "paper", False), (0.9, "paper", True),
-                     (0.9, "torch", False), (0.9, "torch", True), (0.5, "torch", False)]
+                     (0.9, "torch", False), (0.9, "torch", True)]
 GRAD_SETTINGS = [
     dict(rescale_grad=1.0, clip_gradient=None, maximize=False),
     dict(rescale_grad=-0.5, clip_gradient=0.3, maximize=True),  # negative rescale: |r| in the norm
     dict(rescale_grad=2.0, clip_gradient=0.0, maximize=False),  # clip 0: only weight decay moves w
-    dict(rescale_grad=0.125, clip_gradient=None, maximize=True),
 ]
 
 
@@ -292,21 +297,21 @@ def test_every_combination_float64(momentum_setting, grad_setting, trust_norm, t
 @pytest.mark.parametrize("tensor_lr", [False, True, "float32"])
 @pytest.mark.parametrize("momentum_setting", MOMENTUM_SETTINGS, ids=lambda m: f"mu{m[0]}-{m[1]}-nest{m[2]}")
 @pytest.mark.parametrize("trust_norm", ["sum", "update"])
-def test_lr_changes_float_and_tensor(momentum_setting, trust_norm, tensor_lr):
+def test_lr_changes_float_and_tensor(momentum_setting, trust_norm, tensor_lr, impl):
     momentum, form, nesterov = momentum_setting
     params, grads = make_problem(11, steps=6)
     group = dict(params=params, lr=0.5, momentum=momentum, momentum_form=form, nesterov=nesterov, eta=0.02,
                  weight_decay=1e-3, trust_norm=trust_norm)
-    run_and_compare([group], grads, [1.0, 0.1, 0.7, 0.0, 3.0, 0.3], tensor_lr=tensor_lr)
+    run_and_compare([group], grads, [1.0, 0.1, 0.7, 0.0, 3.0, 0.3], tensor_lr=tensor_lr, defaults={"impl": impl})
 
 
-def test_paper_and_torch_forms_differ_when_lr_changes():
+def test_paper_and_torch_forms_differ_when_lr_changes(impl):
     # The two forms coincide at constant lr and must differ once it changes (the reason both exist).
     results = {}
     for schedule in ([1.0, 1.0, 1.0], [1.0, 0.5, 0.25]):
         for form in ("paper", "torch"):
             w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
-            opt = larsopt.LARS([w], lr=1.0, momentum=0.9, momentum_form=form, eta=0.1)
+            opt = larsopt.LARS([w], impl=impl, lr=1.0, momentum=0.9, momentum_form=form, eta=0.1)
             for factor in schedule:
                 opt.param_groups[0]["lr"] = factor
                 w.grad = torch.tensor([0.5, 0.1, -0.3], dtype=torch.float64)
@@ -319,13 +324,13 @@ def test_paper_and_torch_forms_differ_when_lr_changes():
 
 @pytest.mark.parametrize("eta", [0.0, 1e-3, 0.1, 2.0])
 @pytest.mark.parametrize("epsilon", [0.0, 1e-8, 0.5])
-def test_eta_and_epsilon(eta, epsilon):
+def test_eta_and_epsilon(eta, epsilon, impl):
     params, grads = make_problem(int(eta * 1000 + epsilon * 7919) + 3)
     group = dict(params=params, lr=0.3, momentum=0.9, eta=eta, epsilon=epsilon, weight_decay=0.01)
-    run_and_compare([group], grads, LR_SCHEDULE)
+    run_and_compare([group], grads, LR_SCHEDULE, defaults={"impl": impl})
 
 
-def test_multiple_groups_with_different_settings():
+def test_multiple_groups_with_different_settings(impl):
     shapes = [(4,), (2, 3), (2, 2, 2, 2), ()]
     rng = np.random.default_rng(5)
     group_cfgs = [
@@ -340,28 +345,29 @@ def test_multiple_groups_with_different_settings():
     groups = [dict(params=[rng.standard_normal(s) for s in shapes], **cfg) for cfg in group_cfgs]
     grads = [[[rng.standard_normal(s) * 10.0 ** rng.uniform(-2, 2) for s in shapes] for _ in groups]
              for _ in range(5)]
-    run_and_compare(groups, grads, [1.0, 0.5, 0.5, 2.0, 0.1])
-    run_and_compare(groups, grads, [1.0, 0.5, 0.5, 2.0, 0.1], tensor_lr=True)
+    run_and_compare(groups, grads, [1.0, 0.5, 0.5, 2.0, 0.1], defaults={"impl": impl})
+    run_and_compare(groups, grads, [1.0, 0.5, 0.5, 2.0, 0.1], tensor_lr=True, defaults={"impl": impl})
 
 
-def test_lars_false_group_uses_plain_lr_and_keeps_weight_decay():
+def test_lars_false_group_uses_plain_lr_and_keeps_weight_decay(impl):
     # lars=False: lam = 1 exactly (no eta), weight decay unchanged; trust_clip does not rescale it.
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     g = torch.tensor([0.3, 0.2, -0.1], dtype=torch.float64)
     # lr = 0.1 is not a float32 number: a float64 param must see the float64 lr (no rounding).
-    opt = larsopt.LARS([{"params": [w], "lars": False}], lr=0.1, weight_decay=0.1, eta=0.001, trust_clip=True)
+    opt = larsopt.LARS([{"params": [w], "lars": False}], lr=0.1, weight_decay=0.1, eta=0.001, trust_clip=True,
+                       impl=impl)
     start = w.clone()
     w.grad = g
     opt.step()
     torch.testing.assert_close(w, start - 0.1 * (g + 0.1 * start), rtol=1e-15, atol=0)
 
 
-def test_lars_false_groups_in_reference():
+def test_lars_false_groups_in_reference(impl):
     params, grads = make_problem(21)
     for momentum, form in ((0.0, "paper"), (0.9, "paper"), (0.9, "torch")):
         group = dict(params=params, lars=False, lr=0.1, momentum=momentum, momentum_form=form, weight_decay=0.05,
                      trust_clip=True, rescale_grad=0.5, clip_gradient=1.0)
-        run_and_compare([group], grads, LR_SCHEDULE)
+        run_and_compare([group], grads, LR_SCHEDULE, defaults={"impl": impl})
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,10 +377,10 @@ def test_lars_false_groups_in_reference():
 
 @pytest.mark.parametrize("trust_norm", ["sum", "update"])
 @pytest.mark.parametrize("momentum_form", ["paper", "torch"])
-def test_zero_weights_fall_back_to_plain_lr(trust_norm, momentum_form):
+def test_zero_weights_fall_back_to_plain_lr(trust_norm, momentum_form, impl):
     w = torch.zeros(2, 3, dtype=torch.float64)
     g = torch.tensor([[0.1, -0.2, 0.3], [1.0, 2.0, -3.0]], dtype=torch.float64)
-    opt = larsopt.LARS([w], lr=0.5, eta=0.001, momentum=0.9, momentum_form=momentum_form,
+    opt = larsopt.LARS([w], impl=impl, lr=0.5, eta=0.001, momentum=0.9, momentum_form=momentum_form,
                        trust_norm=trust_norm, weight_decay=0.1)
     w.grad = g
     opt.step()
@@ -383,40 +389,41 @@ def test_zero_weights_fall_back_to_plain_lr(trust_norm, momentum_form):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_zero_grad_falls_back_to_plain_lr_sum_norm(momentum):
+def test_zero_grad_falls_back_to_plain_lr_sum_norm(momentum, impl):
     # |g| == 0 with wd > 0: lam = 1, so only weight decay moves w, at the full lr.
     w = torch.tensor([1.0, -2.0, 2.0], dtype=torch.float64)
     start = w.clone()
-    opt = larsopt.LARS([w], lr=0.5, eta=0.001, momentum=momentum, weight_decay=0.1, trust_norm="sum")
+    opt = larsopt.LARS([w], impl=impl, lr=0.5, eta=0.001, momentum=momentum, weight_decay=0.1,
+                       trust_norm="sum")
     w.grad = torch.zeros(3, dtype=torch.float64)
     opt.step()
     torch.testing.assert_close(w, start - 0.5 * 0.1 * start, rtol=1e-15, atol=0)
 
 
-def test_rescale_grad_zero_falls_back():
+def test_rescale_grad_zero_falls_back(impl):
     # r == 0 makes |r*g| == 0: MXNet's python path falls back to lam = 1 (spec section 3.1).
     w = torch.tensor([3.0, 4.0], dtype=torch.float64)
     start = w.clone()
-    opt = larsopt.LARS([w], lr=0.1, eta=0.001, rescale_grad=0.0, weight_decay=0.5)
+    opt = larsopt.LARS([w], impl=impl, lr=0.1, eta=0.001, rescale_grad=0.0, weight_decay=0.5)
     w.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
     opt.step()
     torch.testing.assert_close(w, start - 0.1 * 0.5 * start, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("momentum_form", ["paper", "torch"])
-def test_zero_grad_update_norm_with_weight_decay(momentum_form):
+def test_zero_grad_update_norm_with_weight_decay(momentum_form, impl):
     # The issue states one fallback for both norms: |g| == 0 gives lam = 1, even though
     # |g + wd*w| is not 0 for trust_norm="update". Only weight decay moves w, at the full lr.
     w = torch.tensor([3.0, 4.0], dtype=torch.float64)
     start = w.clone()
-    opt = larsopt.LARS([w], lr=0.1, eta=0.01, epsilon=0.0, weight_decay=0.5, trust_norm="update", momentum=0.9,
-                       momentum_form=momentum_form)
+    opt = larsopt.LARS([w], impl=impl, lr=0.1, eta=0.01, epsilon=0.0, weight_decay=0.5, trust_norm="update",
+                       momentum=0.9, momentum_form=momentum_form)
     w.grad = torch.zeros(2, dtype=torch.float64)
     opt.step()
     torch.testing.assert_close(w, start - 0.1 * 0.5 * start, rtol=1e-15, atol=0)
 
 
-def test_zero_weights_and_zero_grads_in_reference():
+def test_zero_weights_and_zero_grads_in_reference(impl):
     shapes = [(3,), (2, 2), (1, 2, 2, 1), ()]
     rng = np.random.default_rng(8)
     params = [np.zeros(shapes[0]), rng.standard_normal(shapes[1]), np.zeros(shapes[2]), np.array(0.0)]
@@ -430,13 +437,13 @@ def test_zero_weights_and_zero_grads_in_reference():
         for form in ("paper", "torch"):
             group = dict(params=params, lr=0.2, momentum=0.9, momentum_form=form, trust_norm=trust_norm,
                          weight_decay=0.01, eta=0.01, trust_clip=form == "torch")
-            run_and_compare([group], grads, LR_SCHEDULE)
+            run_and_compare([group], grads, LR_SCHEDULE, defaults={"impl": impl})
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("trust_norm", ["sum", "update"])
 @pytest.mark.parametrize("clip_gradient", [None, 0.5])
-def test_non_finite_grad_falls_back_to_lam_one(bad, trust_norm, clip_gradient):
+def test_non_finite_grad_falls_back_to_lam_one(bad, trust_norm, clip_gradient, impl):
     # A non-finite gradient norm gives lam = 1 (MXNet python path, spec section 3.1 fallback table).
     w0 = np.array([1.0, -2.0, 0.5, 4.0])
     g = np.array([0.1, bad, -0.2, 0.3])
@@ -446,31 +453,32 @@ def test_non_finite_grad_falls_back_to_lam_one(bad, trust_norm, clip_gradient):
     gp = g[[0, 2, 3]] if clip_gradient is None else np.clip(g[[0, 2, 3]], -0.5, 0.5)
     np.testing.assert_allclose(expected[[0, 2, 3]], w0[[0, 2, 3]] - 0.1 * (gp + 0.01 * w0[[0, 2, 3]]))
     w = torch.tensor(w0)
-    opt = larsopt.LARS([w], lr=0.1, weight_decay=0.01, trust_norm=trust_norm, clip_gradient=clip_gradient)
+    opt = larsopt.LARS([w], impl=impl, lr=0.1, weight_decay=0.01, trust_norm=trust_norm,
+                       clip_gradient=clip_gradient)
     w.grad = torch.tensor(g)
     opt.step()
     _assert_near(w.numpy(), expected, w0, 1e-12, 1e-15, "non-finite grad")
 
 
-def test_non_finite_weight_falls_back():
+def test_non_finite_weight_falls_back(impl):
     w0 = np.array([1.0, np.inf, 0.5])
     g = np.array([0.1, 0.2, 0.3])
     expected, _ = reference_step(w0, g, None, {**DEFAULTS, "lr": 0.1}, 0.1)
     w = torch.tensor(w0)
-    opt = larsopt.LARS([w], lr=0.1)
+    opt = larsopt.LARS([w], impl=impl, lr=0.1)
     w.grad = torch.tensor(g)
     opt.step()
     _assert_near(w.numpy(), expected, w0, 1e-12, 1e-15, "inf weight")
     assert w[0].item() == pytest.approx(1.0 - 0.1 * 0.1, rel=1e-15)  # lam = 1
 
 
-def test_non_finite_grads_in_reference_multi_step():
+def test_non_finite_grads_in_reference_multi_step(impl):
     params, grads = make_problem(31, shapes=[(5,), (2, 3)])
     grads[1][0][0][2] = np.inf
     grads[2][0][1][0, 1] = np.nan
     for form in ("paper", "torch"):
         group = dict(params=params, lr=0.1, momentum=0.9, momentum_form=form, clip_gradient=1.0, eta=0.01)
-        run_and_compare([group], grads, LR_SCHEDULE[:3])
+        run_and_compare([group], grads, LR_SCHEDULE[:3], defaults={"impl": impl})
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,29 +486,29 @@ def test_non_finite_grads_in_reference_multi_step():
 # --------------------------------------------------------------------------------------------
 
 
-def test_params_without_grad_are_skipped():
+def test_params_without_grad_are_skipped(impl):
     params, grads = make_problem(41, shapes=[(3,), (2, 2), (4,)])
     grads[0][0][1] = None  # no grad at step 0: untouched and no state yet
     grads[2][0][0] = None  # no grad at step 2: untouched, its momentum buffer not decayed
     grads[3][0][2] = None
     for form in ("paper", "torch"):
         group = dict(params=params, lr=0.1, momentum=0.9, momentum_form=form, weight_decay=0.1, eta=0.05)
-        opt = run_and_compare([group], grads[:1], [1.0])
+        opt = run_and_compare([group], grads[:1], [1.0], defaults={"impl": impl})
         assert opt.param_groups[0]["params"][1] not in opt.state or not opt.state[opt.param_groups[0]["params"][1]]
-        run_and_compare([group], grads, LR_SCHEDULE)
+        run_and_compare([group], grads, LR_SCHEDULE, defaults={"impl": impl})
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (13,), (3, 1, 4), (2, 3, 4, 5), (1, 1, 1, 1)])
-def test_shapes(shape):
+def test_shapes(shape, impl):
     params, grads = make_problem(sum(shape) + len(shape), shapes=[shape])
     group = dict(params=params, lr=0.3, momentum=0.9, nesterov=True, eta=0.05, weight_decay=1e-2, trust_clip=True)
-    run_and_compare([group], grads, LR_SCHEDULE)
+    run_and_compare([group], grads, LR_SCHEDULE, defaults={"impl": impl})
 
 
 @pytest.mark.parametrize("momentum_setting", MOMENTUM_SETTINGS, ids=lambda m: f"mu{m[0]}-{m[1]}-nest{m[2]}")
 @pytest.mark.parametrize("trust_norm", ["sum", "update"])
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_float32_params_against_float64_reference(momentum_setting, trust_norm, tensor_lr):
+def test_float32_params_against_float64_reference(momentum_setting, trust_norm, tensor_lr, impl):
     momentum, form, nesterov = momentum_setting
     params, grads = make_problem(51 + len(trust_norm), shapes=[(), (9,), (4, 6), (2, 3, 3, 2)], steps=4,
                                  grad_scales=[0.5, 1.0, 3.0, 0.2])
@@ -509,7 +517,7 @@ def test_float32_params_against_float64_reference(momentum_setting, trust_norm, 
     group = dict(params=params, lr=0.5, momentum=momentum, momentum_form=form, nesterov=nesterov, eta=0.5,
                  trust_norm=trust_norm, weight_decay=0.01, rescale_grad=0.5, clip_gradient=0.8,
                  trust_clip=tensor_lr)
-    run_and_compare([group], grads, LR_SCHEDULE, dtype=torch.float32, tensor_lr=tensor_lr)
+    run_and_compare([group], grads, LR_SCHEDULE, dtype=torch.float32, tensor_lr=tensor_lr, defaults={"impl": impl})
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +545,7 @@ config_strategy = st.fixed_dictionaries(
 shape_strategy = st.lists(st.integers(1, 4), min_size=0, max_size=4).map(tuple)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cfgs=st.lists(config_strategy, min_size=1, max_size=3),
     shapes=st.lists(shape_strategy, min_size=1, max_size=3),
@@ -574,15 +582,128 @@ def test_random_configurations_float64(cfgs, shapes, lr_schedule, zero_mask, see
     run_and_compare(groups, grads, lr_schedule, tensor_lr=tensor_lr)
 
 
-# A fixed, enumerated sweep of all boolean and string options together (2^4 * 2 * 2 * 2 cases).
+# A fixed, enumerated sweep of all boolean and string options together (2^4 * 2 * 2 cases).
 @pytest.mark.parametrize(
-    "nesterov,trust_clip,maximize,lars,form,norm,clip",
-    [c for c in itertools.product([False, True], [False, True], [False, True], [False, True], ["paper", "torch"],
-                                  ["sum", "update"], [None, 0.2])],
+    "nesterov,trust_clip,maximize,lars,form,norm",
+    list(itertools.product([False, True], [False, True], [False, True], [False, True], ["paper", "torch"],
+                           ["sum", "update"])),
 )
-def test_boolean_option_sweep(nesterov, trust_clip, maximize, lars, form, norm, clip):
+def test_boolean_option_sweep(nesterov, trust_clip, maximize, lars, form, norm, impl):
     params, grads = make_problem(61, shapes=[(5,), (2, 2, 1, 3)], steps=3, grad_scales=[0.01, 5.0])
     group = dict(params=params, lr=0.4, momentum=0.9, nesterov=nesterov, trust_clip=trust_clip, maximize=maximize,
-                 lars=lars, momentum_form=form, trust_norm=norm, clip_gradient=clip, eta=0.1, weight_decay=0.02,
-                 rescale_grad=-2.0)
-    run_and_compare([group], grads, [1.0, 0.3, 1.7])
+                 lars=lars, momentum_form=form, trust_norm=norm, clip_gradient=0.2 if nesterov else None, eta=0.1,
+                 weight_decay=0.02, rescale_grad=-2.0)
+    run_and_compare([group], grads, [1.0, 0.3, 1.7], defaults={"impl": impl})
+
+
+# --------------------------------------------------------------------------------------------
+# Memory layouts, empty and large tensors, mixed dtypes: every implementation
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(array: np.ndarray, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor with the values of ``array`` in the given memory layout."""
+    t = torch.tensor(array, dtype=dtype)
+    if kind == "transposed":  # non-contiguous view-like strides
+        return t.t().contiguous().t() if t.ndim == 2 else t
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+    if kind == "strided":  # every other element of a bigger buffer
+        big = torch.zeros(t.shape + (2,), dtype=dtype)
+        big[..., 0] = t
+        return big[..., 0]
+    return t
+
+
+LAYOUTS = ["contiguous", "transposed", "channels_last", "strided"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grad_layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("param_layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_memory_layouts(param_layout, grad_layout, impl, dtype):
+    # Params and grads may be non-contiguous or channels_last, and need not share a layout.
+    rng = np.random.default_rng(71)
+    shapes = [(5, 3), (2, 3, 4, 2), (6,)]
+    arrays = [rng.standard_normal(s) for s in shapes]
+    params = [_layout(a, param_layout, dtype) for a in arrays]
+    cfg = {**DEFAULTS, "lr": 0.5, "momentum": 0.9, "eta": 0.3, "weight_decay": 0.01, "clip_gradient": 0.7,
+           "rescale_grad": 0.5, "impl": impl}
+    opt = larsopt.LARS(params, **{k: v for k, v in cfg.items() if k != "lars"})
+    ref = [p.double().numpy().copy() for p in params]
+    bufs = [None] * len(params)
+    for step in range(3):
+        grads = [rng.standard_normal(s) * (step + 1) for s in shapes]
+        starts = [p.detach().double().numpy().copy() for p in params]
+        for p, g in zip(params, grads):
+            p.grad = _layout(g, grad_layout, dtype)
+        if dtype == torch.float32:  # per-step comparison from the library's state (see run_and_compare)
+            ref = starts
+            bufs = [opt.state[p]["momentum_buffer"].double().numpy() if step else None for p in params]
+        opt.step()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g64 = torch.tensor(g, dtype=dtype).double().numpy()
+            ref[i], bufs[i] = reference_step(ref[i], g64, bufs[i], cfg, 0.5)
+            rtol, ulps = (1e-12, 8 * 2.0**-52) if dtype == torch.float64 else (1e-5, 2.0**-23)
+            _assert_near(p.detach().numpy(), ref[i], starts[i], rtol, ulps, f"{param_layout}/{grad_layout} #{i}")
+    if param_layout == "channels_last":  # the param keeps its layout
+        assert params[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_empty_tensors(impl, momentum):
+    # numel == 0: |w| == 0 (fallback) and nothing to update; must not fail or touch the others.
+    params = [torch.zeros(0), torch.zeros(3, 0, 2), torch.tensor([1.0, -2.0])]
+    opt = larsopt.LARS(params, lr=0.1, momentum=momentum, impl=impl, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert params[0].shape == (0,) and params[1].shape == (3, 0, 2)
+    lam = 0.001 * math.sqrt(5) / (math.sqrt(2) + 0.1 * math.sqrt(5) + 1e-8)
+    expected = torch.tensor([1.0, -2.0]) - 0.1 * lam * (torch.ones(2) + 0.1 * torch.tensor([1.0, -2.0]))
+    torch.testing.assert_close(params[2], expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_tensor(impl, dtype):
+    # Big enough for any chunked or parallel norm reduction in a fast path.
+    rng = np.random.default_rng(81)
+    params, grads = [rng.standard_normal(300_001)], [[[rng.standard_normal(300_001) * 0.01]] for _ in range(2)]
+    if dtype == torch.float32:
+        params = [params[0].astype(np.float32)]
+    group = dict(params=params, lr=0.5, momentum=0.9, momentum_form="torch", nesterov=True, eta=0.5,
+                 weight_decay=1e-3, trust_norm="update", impl=impl)
+    run_and_compare([group], grads, [1.0, 0.5], dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes_in_one_group(impl):
+    # float32 and float64 params in the same group: each gets its own norms and arithmetic.
+    rng = np.random.default_rng(91)
+    a64, a32 = rng.standard_normal((4, 3)), rng.standard_normal((7,)).astype(np.float32)
+    p64, p32 = torch.tensor(a64), torch.tensor(a32)
+    cfg = {**DEFAULTS, "lr": 0.3, "momentum": 0.9, "eta": 0.2, "weight_decay": 0.01, "impl": impl}
+    opt = larsopt.LARS([p64, p32], **{k: v for k, v in cfg.items() if k != "lars"})
+    g64, g32 = rng.standard_normal((4, 3)), rng.standard_normal(7).astype(np.float32)
+    p64.grad, p32.grad = torch.tensor(g64), torch.tensor(g32)
+    opt.step()
+    ref64, _ = reference_step(a64, g64, None, cfg, 0.3)
+    ref32, _ = reference_step(a32, g32, None, cfg, 0.3)
+    _assert_near(p64.numpy(), ref64, a64, 1e-12, 8 * 2.0**-52, "float64 param")
+    _assert_near(p32.numpy(), ref32, a32, 1e-5, 2.0**-23, "float32 param")
+    assert p64.dtype == torch.float64 and p32.dtype == torch.float32
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=config_strategy, shape=shape_strategy, seed=st.integers(0, 2**32 - 1), tensor_lr=st.booleans())
+def test_random_configurations_float32(cfg, shape, seed, tensor_lr):
+    # float32 params (the fast paths' main case) against the float64 reference, step by step.
+    if cfg["momentum"] == 0:
+        cfg["nesterov"] = False
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(shape).astype(np.float32)]
+    grads = [[[rng.standard_normal(shape) * 10.0 ** rng.uniform(-1, 1)]] for _ in range(3)]
+    run_and_compare([dict(params=params, **cfg)], grads, [1.0, 0.5, 2.0], dtype=torch.float32, tensor_lr=tensor_lr)
