@@ -310,6 +310,15 @@ def test_tensor_lr_equals_float_lr(momentum_form, trust_clip):
     torch.testing.assert_close(results[0], results[1], rtol=1e-15, atol=0)
 
 
+def test_step_without_any_grad_changes_nothing():
+    model = _model()
+    opt = larsopt.LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert opt.step() is None
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert not any(opt.state.values())
+
+
 # --------------------------------------------------------------------------------------------
 # Named params
 # --------------------------------------------------------------------------------------------
@@ -366,6 +375,7 @@ def _param():
         ("trust_norm", "max"), ("trust_norm", None),
         ("impl", "cuda-magic"),
         ("clip_gradient", -1.0), ("clip_gradient", math.nan),
+        ("rescale_grad", math.nan), ("rescale_grad", math.inf),
     ],
 )
 def test_bad_hyperparameter_raises_value_error(argument, value):
@@ -443,6 +453,12 @@ def test_non_floating_params_raise(dtype):
 def test_unknown_group_key_raises():
     with pytest.raises(ValueError, match="lerning_rate"):
         larsopt.LARS([{"params": [_param()], "lerning_rate": 0.1}])
+
+
+def test_group_without_params_raises():
+    # Not one of the listed cases, so any clear error naming the missing key is accepted.
+    with pytest.raises((ValueError, KeyError), match="params"):
+        larsopt.LARS([{"lr": 0.1}])
 
 
 def test_bad_boolean_options_raise():

@@ -707,3 +707,15 @@ def test_random_configurations_float32(cfg, shape, seed, tensor_lr):
     params = [rng.standard_normal(shape).astype(np.float32)]
     grads = [[[rng.standard_normal(shape) * 10.0 ** rng.uniform(-1, 1)]] for _ in range(3)]
     run_and_compare([dict(params=params, **cfg)], grads, [1.0, 0.5, 2.0], dtype=torch.float32, tensor_lr=tensor_lr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norms_accumulate_in_float32_for_half_params(dtype, impl):
+    # "Norms accumulate in fp32 at least": 100 * 300^2 = 9e6 overflows float16 (max 65504); in
+    # float32 |w| = 3000 and |g| = 10, so lam = 1e-3 * 3000 / 10 = 0.3, not the fallback lam = 1.
+    w = torch.full((100,), 300.0, dtype=dtype)
+    opt = larsopt.LARS([w], lr=1.0, eta=1e-3, epsilon=0.0, impl=impl)
+    w.grad = torch.ones(100, dtype=dtype)
+    opt.step()
+    expected = torch.full((100,), 300.0 - 0.3, dtype=torch.float32).to(dtype)  # rounded once
+    assert torch.equal(w, expected), (w[0].item(), expected[0].item())
