@@ -91,6 +91,20 @@ def test_clip_after_rescale_and_outside_the_norm():
     torch.testing.assert_close(w[0], torch.tensor([3.0, 4.0]) - lam * torch.tensor([0.5, 0.2]))
 
 
+@pytest.mark.parametrize("method", ["step", "fused_step", "update", "update_multi_precision"])
+def test_every_update_method_takes_one_index_or_lists(method):
+    results = []
+    for single in (True, False):
+        opt = lmx.LARS(momentum=0.9, wd=0.1)
+        w, g = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -0.5])
+        state = opt.create_state(3, w)
+        args = (3, w, g, state) if single else ([3], [w], [g], [state])
+        getattr(opt, method)(*args)
+        results.append((w, state, opt.num_update))
+    torch.testing.assert_close(results[0][:2], results[1][:2])
+    assert results[0][2] == results[1][2] == 1
+
+
 def test_single_index_update_and_momentum_state():
     opt = lmx.LARS(momentum=0.9, param_idx2name={7: "b_bias"}, learning_rate=1.0)
     w = torch.tensor([1.0, 1.0])

@@ -26,7 +26,7 @@ from torch import Tensor
 from larsopt import functional
 from larsopt.mxnet import _arrays
 from larsopt.mxnet.errors import MXNetAssertionError
-from larsopt.mxnet.optimizer import Index, Optimizer, register
+from larsopt.mxnet.optimizer import Index, Optimizer, as_lists, register
 
 #: Name suffixes that MXNet's LARS exempts from the trust ratio (their weight decay stays).
 EXCLUDED_NAME_SUFFIXES = ("gamma", "beta", "bias")
@@ -121,13 +121,13 @@ class LARS(Optimizer):
         name = self.idx2name[index] if index in self.idx2name else str(index)
         return not name.endswith(EXCLUDED_NAME_SUFFIXES)
 
-    def step(self, indices: Sequence[Index], weights: Sequence[Any], grads: Sequence[Any],
-             states: Sequence[Any]) -> None:
+    def step(self, indices: Any, weights: Any, grads: Any, states: Any) -> None:
         """MXNet's unfused path: each weight in turn counts, then takes its lr and wd.
 
         Under ``multi_precision`` the trust ratio uses the float32 master. Dense semantics for
-        sparse gradients (``lazy_update`` is off on this path).
+        sparse gradients (``lazy_update`` is off on this path). Takes lists or one of each.
         """
+        indices, weights, grads, states = as_lists(indices, weights, grads, states)
         lrs, wds = [], []
         for index in indices:
             # Counted one at a time, so the scheduler sees each weight's own num_update.
@@ -136,14 +136,14 @@ class LARS(Optimizer):
             wds.append(self._get_wd(index))
         self._apply(indices, weights, grads, states, lrs, wds, norm_source="master", lazy_update=False)
 
-    def fused_step(self, indices: Sequence[Index], weights: Sequence[Any], grads: Sequence[Any],
-                   states: Sequence[Any]) -> None:
+    def fused_step(self, indices: Any, weights: Any, grads: Any, states: Any) -> None:
         """MXNet's fused path (aggregated or not): all indices count first, then one scheduler call.
 
         Under ``multi_precision`` the trust ratio uses the float16 weight as stored. Row-sparse
-        gradients follow ``lazy_update``.
+        gradients follow ``lazy_update``. Takes lists or one of each.
         """
-        self._update_count(list(indices))
+        indices, weights, grads, states = as_lists(indices, weights, grads, states)
+        self._update_count(indices)
         lrs = self._get_lrs(indices)
         wds = self._get_wds(indices)
         self._apply(indices, weights, grads, states, lrs, wds, norm_source="param",
