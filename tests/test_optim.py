@@ -434,6 +434,7 @@ def test_param_in_two_groups_raises_naming_it():
     assert named[2][0] in str(info.value), str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
 def test_param_twice_in_one_group_raises():
     p = _param()
     with pytest.raises(ValueError, match="twice|more than one"):
