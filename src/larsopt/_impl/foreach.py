@@ -1,8 +1,8 @@
 """The multi-tensor path: the reference's math as ``torch._foreach_*`` ops over each (device, dtype)
 group, with the trust ratios of a whole group computed as one vector.
 
-* |w| and |g| (or |g + wd * w|) of every tensor come from two ``torch._foreach_norm`` calls and are
-  stacked into vectors; lam for all tensors is one ``torch.where`` over them.
+* |w|, |g| (and |g + wd * w| for ``trust_norm="update"``) of every tensor come from
+  ``torch._foreach_norm`` calls stacked into vectors; lam for all tensors is one ``torch.where``.
 * No tensor is converted to a Python number (no ``.item()``, ``bool()``, ``float()``): a tensor
   ``lr``, ``grad_scale`` and ``found_inf`` stay on the device, so the step needs no host
   synchronisation and is capturable.
@@ -54,14 +54,17 @@ def _trust_ratios(
 ) -> Tensor:
     """lam of every tensor as one vector (reference.trust_ratio and clip_trust_ratio, batched)."""
     w_norm = torch.stack(torch._foreach_norm(weights))
+    g_norm = torch.stack(torch._foreach_norm(grads))
+    valid = (w_norm > 0) & (g_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(g_norm)
     if trust_norm == "sum":
-        d_norm = torch.stack(torch._foreach_norm(grads))
-        denominator = d_norm + weight_decay * w_norm + epsilon
+        denominator = g_norm + weight_decay * w_norm + epsilon
     else:
-        updates = torch._foreach_add(grads, weights, alpha=weight_decay) if weight_decay != 0 else grads
-        d_norm = torch.stack(torch._foreach_norm(updates))
-        denominator = d_norm + epsilon
-    valid = (w_norm > 0) & (d_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(d_norm)
+        if weight_decay != 0:
+            u_norm = torch.stack(torch._foreach_norm(torch._foreach_add(grads, weights, alpha=weight_decay)))
+        else:
+            u_norm = g_norm
+        valid &= (u_norm > 0) & torch.isfinite(u_norm)
+        denominator = u_norm + epsilon
     lam = torch.where(valid, eta * w_norm / denominator, torch.ones_like(w_norm))
     if trust_clip:
         lam = torch.where(lam < lr, lam / lr, torch.ones_like(lam))

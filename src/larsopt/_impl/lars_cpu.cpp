@@ -71,38 +71,52 @@ inline D rescaled(D g, D sign, D scale, D rescale) {
   return ((g * sign) / scale) * rescale;
 }
 
-// Sums of squares of w and of the trust-ratio denominator's vector over [begin, end).
+// Sums of squares of w, of the rescaled gradient gr and (trust_norm "update") of gr + wd * w over
+// [begin, end), added to out[0..2].
 template <typename T, bool TrustUpdate>
-void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* ww_out,
-                     double* dd_out) {
+void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
   using D = typename Compute<T>::type;
   const D sign = h.maximize ? D(-1) : D(1), scale = D(h.grad_scale), rescale = D(h.rescale), wd = D(h.weight_decay);
-  double ww = 0, dd = 0;
+  double ww = 0, gg = 0, uu = 0;
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t stop = start + kBlock < end ? start + kBlock : end;
-    D bw = 0, bd = 0;
-#pragma omp simd reduction(+ : bw, bd)
+    D bw = 0, bg = 0, bu = 0;
+#pragma omp simd reduction(+ : bw, bg, bu)
     for (int64_t i = start; i < stop; ++i) {
       const D wi = load(w, i);
-      D d = rescaled(D(load(g, i)), sign, scale, rescale);
-      if (TrustUpdate) d = d + wd * wi;
+      const D gi = rescaled(D(load(g, i)), sign, scale, rescale);
       bw += wi * wi;
-      bd += d * d;
+      bg += gi * gi;
+      if (TrustUpdate) {
+        const D ui = gi + wd * wi;
+        bu += ui * ui;
+      }
     }
     ww += bw;
-    dd += bd;
+    gg += bg;
+    uu += bu;
   }
-  *ww_out = ww;
-  *dd_out = dd;
+  out[0] += ww;
+  out[1] += gg;
+  out[2] += uu;
 }
 
-// lam from the sums of squares, as reference.trust_ratio / clip_trust_ratio compute it.
+// lam from the sums of squares, as reference.trust_ratio / clip_trust_ratio compute it: the
+// fallback lam = 1 when |w| == 0, |g| == 0 or a norm is not finite (and, for "update", when
+// |g + wd * w| is 0 or not finite).
 template <typename D>
-D trust_ratio(double ww, double dd, const Hyper& h) {
+D trust_ratio(const double* sums, const Hyper& h) {
   if (!h.adapt) return D(1);
-  const D w_norm = D(std::sqrt(ww)), d_norm = D(std::sqrt(dd));
-  const D denominator = h.trust_update ? d_norm + D(h.epsilon) : (d_norm + D(h.weight_decay) * w_norm) + D(h.epsilon);
-  const bool valid = w_norm > 0 && d_norm > 0 && std::isfinite(w_norm) && std::isfinite(d_norm);
+  const D w_norm = D(std::sqrt(sums[0])), g_norm = D(std::sqrt(sums[1]));
+  bool valid = w_norm > 0 && g_norm > 0 && std::isfinite(w_norm) && std::isfinite(g_norm);
+  D denominator;
+  if (h.trust_update) {
+    const D u_norm = D(std::sqrt(sums[2]));
+    valid = valid && u_norm > 0 && std::isfinite(u_norm);
+    denominator = u_norm + D(h.epsilon);
+  } else {
+    denominator = (g_norm + D(h.weight_decay) * w_norm) + D(h.epsilon);
+  }
   D lam = valid ? (D(h.eta) * w_norm) / denominator : D(1);
   if (h.trust_clip) lam = lam < D(h.lr) ? lam / D(h.lr) : D(1);
   return lam;
@@ -160,11 +174,12 @@ UpdateFn<T> pick_update(const Hyper& h) {
 }
 
 template <typename T>
-void sums(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* ww, double* dd) {
-  if (h.trust_update) {
-    sums_of_squares<T, true>(w, g, begin, end, h, ww, dd);
+void sums(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
+  if (h.trust_update && h.has_wd) {
+    sums_of_squares<T, true>(w, g, begin, end, h, out);
   } else {
-    sums_of_squares<T, false>(w, g, begin, end, h, ww, dd);
+    sums_of_squares<T, false>(w, g, begin, end, h, out);
+    if (h.trust_update) out[2] = out[1];  // wd == 0: g + wd * w is g
   }
 }
 
@@ -181,8 +196,8 @@ void step(int64_t count, void* const* params, void* const* grads, void* const* b
   const UpdateFn<T> update = pick_update<T>(h);
   std::vector<int64_t> whole, cooperative;
   for (int64_t t = 0; t < count; ++t) (numels[t] < kCooperativeNumel || threads == 1 ? whole : cooperative).push_back(t);
-  // Per-thread partial sums of the cooperative tensors, two doubles per (tensor, thread).
-  std::vector<double> partial(cooperative.size() * threads * 2, 0.0);
+  // Per-thread partial sums of squares of the cooperative tensors, three per (tensor, thread).
+  std::vector<double> partial(cooperative.size() * threads * 3, 0.0);
 
 #pragma omp parallel num_threads(threads)
   {
@@ -193,9 +208,9 @@ void step(int64_t count, void* const* params, void* const* grads, void* const* b
       const int64_t t = whole[k];
       T* w = static_cast<T*>(params[t]);
       const T* g = static_cast<const T*>(grads[t]);
-      double ww = 0, dd = 0;
-      if (h.adapt) sums(w, g, 0, numels[t], h, &ww, &dd);
-      update(w, g, buffer<T>(buffers, t), 0, numels[t], trust_ratio<D>(ww, dd, h), h);
+      double totals[3] = {0, 0, 0};
+      if (h.adapt) sums(w, g, 0, numels[t], h, totals);
+      update(w, g, buffer<T>(buffers, t), 0, numels[t], trust_ratio<D>(totals, h), h);
     }
     for (size_t k = 0; k < cooperative.size(); ++k) {
       const int64_t t = cooperative[k], n = numels[t];
@@ -205,17 +220,15 @@ void step(int64_t count, void* const* params, void* const* grads, void* const* b
       const int64_t end = begin + per_thread < n ? begin + per_thread : n;
       T* w = static_cast<T*>(params[t]);
       const T* g = static_cast<const T*>(grads[t]);
-      double* mine = &partial[(k * threads + tid) * 2];
       if (h.adapt) {
-        sums(w, g, begin, end, h, &mine[0], &mine[1]);
+        sums(w, g, begin, end, h, &partial[(k * threads + tid) * 3]);
 #pragma omp barrier
       }
-      double ww = 0, dd = 0;
+      double totals[3] = {0, 0, 0};
       for (int other = 0; other < nthreads; ++other) {  // same order in every thread: same lam
-        ww += partial[(k * threads + other) * 2];
-        dd += partial[(k * threads + other) * 2 + 1];
+        for (int j = 0; j < 3; ++j) totals[j] += partial[(k * threads + other) * 3 + j];
       }
-      update(w, g, buffer<T>(buffers, t), begin, end, trust_ratio<D>(ww, dd, h), h);
+      update(w, g, buffer<T>(buffers, t), begin, end, trust_ratio<D>(totals, h), h);
     }
   }
 }

@@ -1,0 +1,287 @@
+"""Every fast path of ``functional.lars`` gives the reference's numbers, never syncs, never recompiles.
+
+Comparison metric: |dw_impl - dw_ref| / |dw_ref| per tensor, with dw = w_final - w_initial over
+several steps (and the same for the momentum buffers). Hyper-parameters make the update a sizeable
+fraction of |w|, so rounding w itself (one ulp) does not hide or fake a difference in the update.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import larsopt
+from larsopt import functional as F
+from larsopt._impl import fused_cpu
+
+FAST_IMPLS = ("foreach", "fused")
+# 1-D .. 4-D, a zero weight and a zero gradient (lam = 1 fallback).
+SHAPES = [(5,), (7, 6), (4, 3, 5), (6, 3, 3, 3), (9,), (3, 4)]
+# Large enough for the fused kernel's per-thread slices (above its 2**15-element threshold).
+LARGE_SHAPES = [(41_000,), (300, 200)]
+ZERO_WEIGHT, ZERO_GRAD = 4, 5
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}
+LRS = (0.5, 0.3, 0.45)  # a tensor lr that changes every step
+
+OPTION_NAMES = ("momentum_form", "nesterov", "trust_norm", "trust_clip", "clip_gradient", "rescale_grad", "maximize",
+                "adapt", "weight_decay", "momentum")
+OPTION_VALUES = (("paper", "torch"), (False, True), ("sum", "update"), (False, True), (None, 0.8), (1.0, 2.0),
+                 (False, True), (True, False), (0.0, 0.1), (0.0, 0.9))
+COMBINATIONS = [dict(zip(OPTION_NAMES, values)) for values in itertools.product(*OPTION_VALUES)
+                if not (values[1] and values[-1] == 0.0)]  # nesterov needs momentum
+
+
+def _inputs(dtype: torch.dtype, seed: int = 0, shapes: list[tuple[int, ...]] = SHAPES):
+    """(weights, grads, momentum buffers) for ``shapes``."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    if shapes is SHAPES:
+        weights[ZERO_WEIGHT].zero_()
+        grads[ZERO_GRAD].zero_()
+    buffers = [(0.1 * torch.randn(shape, generator=generator)).to(dtype) for shape in shapes]
+    return weights, grads, buffers
+
+
+def _run(impl: str, weights, grads, buffers, *, steps: int = 3, lr_values=LRS, **options):
+    params = [w.clone() for w in weights]
+    bufs = [b.clone() for b in buffers] if options.get("momentum", 0.0) != 0 else [None] * len(params)
+    lr = torch.tensor(lr_values[0])
+    for step in range(steps):
+        lr.fill_(lr_values[step % len(lr_values)])
+        F.lars(params, grads, bufs, lr=lr, eta=0.5, impl=impl, **options)
+    return params, bufs
+
+
+def _relative(result: torch.Tensor, expected: torch.Tensor, start: torch.Tensor) -> float:
+    change = (expected.double() - start.double()).norm()
+    difference = (result.double() - expected.double()).norm()
+    return (difference / change).item() if change > 0 else difference.item()
+
+
+def _assert_close(impl, dtype, got, want, weights, buffers, label):
+    for i, (a, b, w) in enumerate(zip(got[0], want[0], weights)):
+        assert _relative(a, b, w) <= TOLERANCE[dtype], f"{impl} {label}: weight {i} {tuple(w.shape)}"
+    for i, (a, b, s) in enumerate(zip(got[1], want[1], buffers)):
+        if a is not None:
+            assert _relative(a, b, s) <= TOLERANCE[dtype], f"{impl} {label}: momentum {i} {tuple(s.shape)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_every_option_combination_matches_reference(dtype):
+    weights, grads, buffers = _inputs(dtype)
+    for options in COMBINATIONS:
+        want = _run("reference", weights, grads, buffers, steps=2, **options)
+        for impl in FAST_IMPLS:
+            got = _run(impl, weights, grads, buffers, steps=2, **options)
+            _assert_close(impl, dtype, got, want, weights, buffers, str(options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_tensors_match_reference(dtype):
+    """The fused kernel's multi-threaded slices (two threads at least) agree with the reference."""
+    weights, grads, buffers = _inputs(dtype, seed=5, shapes=LARGE_SHAPES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        for form, trust_norm, adapt in itertools.product(("paper", "torch"), ("sum", "update"), (True, False)):
+            options = dict(momentum_form=form, trust_norm=trust_norm, adapt=adapt, momentum=0.9, weight_decay=0.1)
+            want = _run("reference", weights, grads, buffers, **options)
+            for impl in FAST_IMPLS:
+                got = _run(impl, weights, grads, buffers, **options)
+                _assert_close(impl, dtype, got, want, weights, buffers, str(options))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_float_lr_and_eps_match_reference(impl):
+    weights, grads, buffers = _inputs(torch.float32, seed=1)
+    options = dict(momentum=0.9, weight_decay=0.01, epsilon=0.3)
+    params = [[w.clone() for w in weights] for _ in range(2)]
+    bufs = [[b.clone() for b in buffers] for _ in range(2)]
+    for step in range(4):
+        for which, name in enumerate(("reference", impl)):
+            F.lars(params[which], grads, bufs[which], lr=0.2 / (step + 1), eta=0.4, impl=name, **options)
+    _assert_close(impl, torch.float32, (params[1], bufs[1]), (params[0], bufs[0]), weights, buffers, "float lr")
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("skip", [False, True])
+def test_grad_scale_and_found_inf(impl, skip):
+    weights, grads, buffers = _inputs(torch.float32, seed=2)
+    scaled = [g * 1024 for g in grads]
+    amp = dict(grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(1.0 if skip else 0.0), momentum=0.9,
+               weight_decay=0.1)
+    want = _run("reference", weights, scaled, buffers, **amp)
+    got = _run(impl, weights, scaled, buffers, **amp)
+    if skip:
+        for a, w in zip(got[0] + got[1], weights + buffers):
+            assert torch.equal(a, w)
+    else:
+        _assert_close(impl, torch.float32, got, want, weights, buffers, "amp")
+
+
+def _mixed_case():
+    """Tensors the fast paths must hand to the reference, beside covered ones in the same call."""
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.randn(8, 4, generator=generator) for _ in range(5)]
+    params[2] = params[2].to(torch.bfloat16)
+    params[3] = torch.randn(4, 8, generator=generator).t()  # not contiguous: not for the fused kernel
+    grads = [torch.randn(p.shape, generator=generator).to(p.dtype) for p in params]
+    rows = torch.tensor([[0, 2, 2]])
+    grads[4] = torch.sparse_coo_tensor(rows, torch.randn(3, 4, generator=generator), (8, 4), check_invariants=True)
+    masters = [None, params[1].double(), None, None, None]
+    buffers = [torch.zeros_like(p) for p in params]
+    buffers[1] = torch.zeros_like(masters[1])
+    return params, grads, buffers, masters
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS + ("auto",))
+def test_uncovered_tensors_take_the_reference(impl):
+    """master copy, sparse grad, stochastic rounding (bf16) and a non-contiguous param in one call."""
+    results = []
+    for name in ("reference", impl):
+        params, grads, buffers, masters = _mixed_case()
+        generator = torch.Generator().manual_seed(4)
+        for step in range(3):
+            F.lars(params, grads, buffers, master_params=masters, lr=torch.tensor(0.4 - 0.1 * step), momentum=0.9,
+                   weight_decay=0.05, eta=0.5, stochastic_rounding=True, generator=generator, impl=name)
+        results.append((params, buffers, masters))
+    start = _mixed_case()
+    for k, (got, want, first) in enumerate(zip(results[1][0], results[0][0], start[0])):
+        tolerance = 2e-2 if got.dtype == torch.bfloat16 else 1e-6
+        assert _relative(got, want, first) <= tolerance, k
+    # The sparse (lazy) and stochastic-rounding tensors are the reference's own computation.
+    assert torch.equal(results[1][0][2], results[0][0][2])
+    assert torch.equal(results[1][0][4], results[0][0][4])
+    assert torch.equal(results[1][2][1], results[0][2][1])
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_math_dtype_takes_the_reference(impl):
+    weights, grads, buffers = _inputs(torch.float32)
+    want = _run("reference", weights, grads, buffers, momentum=0.9, math_dtype=torch.float64)
+    got = _run(impl, weights, grads, buffers, momentum=0.9, math_dtype=torch.float64)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.equal(a, b)
+
+
+def test_fused_without_kernel_falls_back_to_foreach(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "load", lambda: None)
+    weights, grads, buffers = _inputs(torch.float32)
+    want = _run("reference", weights, grads, buffers, momentum=0.9, weight_decay=0.1)
+    got = _run("fused", weights, grads, buffers, momentum=0.9, weight_decay=0.1)
+    _assert_close("fused (no kernel)", torch.float32, got, want, weights, buffers, "fallback")
+
+
+def test_fused_does_not_write_grads_and_bumps_versions():
+    weights, grads, buffers = _inputs(torch.float32)
+    params, bufs = [w.clone() for w in weights], [b.clone() for b in buffers]
+    grads_before = [g.clone() for g in grads]
+    versions = [p._version for p in params]
+    F.lars(params, grads, bufs, lr=0.1, momentum=0.9, weight_decay=0.1, maximize=True, rescale_grad=2.0,
+           clip_gradient=0.5, impl="fused")
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_before))
+    assert all(p._version > v for p, v in zip(params, versions))
+
+
+def test_auto_is_fused():
+    assert F.resolve_impl("auto") == "fused"
+    assert set(F.IMPLS) == {"auto", "reference", "foreach", "fused"}
+
+
+class _ConversionCounter(TorchFunctionMode):
+    """Counts tensor -> Python conversions: each one is a host synchronisation on an accelerator."""
+
+    CONVERSIONS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+                   torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.CONVERSIONS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ("auto",) + FAST_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_steady_state_step_has_no_host_sync(impl, dtype):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2)).to(dtype)
+    lr = torch.tensor(0.1)
+    groups = larsopt.param_groups(model) if hasattr(larsopt, "param_groups") else model.parameters()
+    optimizer = larsopt.LARS(groups, lr=lr, momentum=0.9, weight_decay=1e-4, trust_clip=True, impl=impl)
+    scaler_state = dict(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0))
+    for step in range(3):
+        model(torch.randn(4, 8).to(dtype)).square().sum().backward()
+        lr.fill_(0.1 / (step + 1))
+        if step == 2:
+            for name, value in scaler_state.items():
+                setattr(optimizer, name, value)
+            with _ConversionCounter() as counter:
+                optimizer.step()
+            assert counter.count == 0
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_no_recompile_when_lr_changes(impl):
+    """Under torch.compile (the user's own), a tensor lr changing every step compiles once."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    params = [torch.randn(4, 3), torch.randn(5)]
+    grads = [torch.randn(4, 3), torch.randn(5)]
+    buffers = [torch.zeros(4, 3), torch.zeros(5)]
+    lr = torch.tensor(0.1)
+
+    @torch.compile(backend="eager")
+    def step(lr: torch.Tensor) -> None:
+        F.lars(params, grads, buffers, lr=lr, momentum=0.9, weight_decay=1e-4, trust_clip=True, impl=impl)
+
+    for value in (0.1, 0.05, 0.025, 0.0125, 0.3):
+        lr.fill_(value)
+        step(lr)
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] >= 1
+    assert torch._dynamo.utils.counters["recompiles"] == {} or sum(torch._dynamo.utils.counters["recompiles"].values()) == 0
+    torch._dynamo.reset()
+
+
+def test_benchmark_shapes():
+    from larsopt import bench
+
+    resnet, bert = bench.resnet50_shapes(), bench.bert_base_shapes()
+    assert (len(resnet), sum(torch.Size(s).numel() for s in resnet)) == (161, 25_557_032)
+    assert (len(bert), sum(torch.Size(s).numel() for s in bert)) == (199, 109_482_240)
+
+
+@pytest.mark.slow
+def test_kernel_cold_build_within_budget(tmp_path):
+    """A first step with an empty kernel cache (build included) takes well under 10 s."""
+    code = ("import time, torch, larsopt; p = [torch.nn.Parameter(torch.randn(64, 64))]; p[0].grad = torch.randn(64, 64);"
+            "o = larsopt.LARS(p, momentum=0.9); t = time.perf_counter(); o.step(); print(time.perf_counter() - t)")
+    start = time.perf_counter()
+    output = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+                            check=True, capture_output=True, text=True).stdout
+    assert float(output) < 10.0, output
+    assert any(tmp_path.joinpath("larsopt").glob("*.so")), time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_bench_runs(tmp_path):
+    from larsopt import bench
+
+    assert bench.main(["--sets", "small", "--steps", "4", "--json", str(tmp_path / "out.json")]) == 0
+    assert (tmp_path / "out.json").exists()
