@@ -530,6 +530,9 @@ def _mismatched_states():
     buf = wrong_shape["state"][key]["momentum_buffer"]
     wrong_shape["state"][key]["momentum_buffer"] = torch.zeros(buf.numel() + 1)
     cases["wrong buffer shape"] = wrong_shape
+    not_a_tensor = copy.deepcopy(opt.state_dict())
+    not_a_tensor["state"][key]["momentum_buffer"] = [0.0] * buf.numel()
+    cases["buffer not a tensor"] = not_a_tensor
     bad_value = copy.deepcopy(opt.state_dict())
     bad_value["param_groups"][1]["lr"] = -1.0
     cases["negative lr"] = bad_value
@@ -548,6 +551,7 @@ MISMATCH_MESSAGE = {
     "SGD state": "optimizer|eta|LARS",
     "Adam state": "optimizer|eta|LARS",
     "wrong buffer shape": "shape",
+    "buffer not a tensor": "momentum_buffer",
     "negative lr": "lr",
     "state for an unknown param": "param",
     "not a state dict": "state",
