@@ -23,10 +23,11 @@ def _is_number(value: Any) -> bool:
 
 def _check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, Tensor):
-        if value.numel() != 1 or not value.dtype.is_floating_point:
+        if value.dim() != 0 or not value.dtype.is_floating_point:
             raise ValueError(f"Invalid {name}: a tensor {name} must be a 0-d floating tensor, got shape "
                              f"{tuple(value.shape)} and dtype {value.dtype}")
-        if value.device.type == "cpu" and not value.item() >= 0:  # a CUDA lr is not read back (sync)
+        if value.device.type == "cpu" and not (value.item() >= 0 and math.isfinite(value.item())):
+            # (a CUDA tensor is not read back: that would synchronise)
             raise ValueError(f"Invalid {name}: {value.item()!r}; expected a finite number >= 0")
         return
     if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
@@ -176,7 +177,13 @@ class LARS(Optimizer):
         if unknown:
             raise ValueError(f"Invalid param group key(s) {sorted(unknown)}; allowed keys are "
                              f"'params', 'param_names' and {sorted(self.defaults)}")
-        super().add_param_group(param_group)
+        try:
+            super().add_param_group(param_group)
+        except ValueError as error:
+            if "more than one parameter group" not in str(error):
+                raise
+            raise ValueError(f"Invalid params: {self._shared_params_label(param_group)} appear(s) in more than one "
+                             "param group; give each tensor to exactly one group") from None
         group = self.param_groups[-1]
         names = group.get("param_names")
         seen: set[Tensor] = set()
@@ -190,6 +197,16 @@ class LARS(Optimizer):
                 self.param_groups.pop()
                 raise ValueError(f"{label} has dtype {param.dtype}; LARS can only optimise floating-point "
                                  "tensors")
+
+    def _shared_params_label(self, new_group: dict[str, Any]) -> str:
+        """Names (or positions and shapes) of the params of ``new_group`` that a group already has."""
+        taken = {p for group in self.param_groups for p in group["params"]}
+        names = new_group.get("param_names")  # torch has split (name, tensor) pairs by now
+        return ", ".join(
+            repr(names[index]) if names else f"param #{index} (shape {tuple(param.shape)})"
+            for index, param in enumerate(new_group["params"])
+            if param in taken
+        )
 
     def _param_label(self, group: dict[str, Any], index: int) -> str:
         names = group.get("param_names")
@@ -299,7 +316,10 @@ class LARS(Optimizer):
                 raise ValueError(f"Invalid state_dict: state keys {sorted(unknown)} are not LARS state "
                                  f"(expected {list(_STATE_KEYS)}); is it from a different optimizer?")
             for name, value in param_state.items():
-                if isinstance(value, Tensor) and value.shape != param.shape:
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"Invalid state_dict: {name} of param id {key!r} is a {type(value).__name__}, "
+                                     "expected a tensor")
+                if value.shape != param.shape:
                     raise ValueError(f"Invalid state_dict: {name} of param id {key!r} has shape "
                                      f"{tuple(value.shape)}, the param has shape {tuple(param.shape)}")
         # How this optimizer stores and computes (masters, implementation) is its own choice, not

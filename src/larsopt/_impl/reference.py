@@ -137,23 +137,38 @@ def lars_step(
         dtype = math_dtype if math_dtype is not None else compute_dtype(target.dtype)
         weight = target.to(dtype)
 
-        def prepared(grad: Tensor) -> Tensor:
-            grad = grad.to(dtype)
+        # A float16/bfloat16 math_dtype (MXNet's kernels without master copies) rounds the update's
+        # scalars to that dtype, as those kernels do; the trust ratio still reads float32 values.
+        low_precision_math = dtype.itemsize < 4
+
+        def in_math(value: float | None) -> float | None:
+            return float(torch.tensor(value, dtype=dtype)) if low_precision_math and value is not None else value
+
+        def prepared(grad: Tensor, as_dtype: torch.dtype, rescale: float) -> Tensor:
+            grad = grad.to(as_dtype)
             if maximize:
                 grad = -grad
             if grad_scale is not None:
-                grad = grad / grad_scale.to(device=grad.device, dtype=dtype)
-            return grad * rescale_grad if rescale_grad != 1.0 else grad
+                grad = grad / grad_scale.to(device=grad.device, dtype=as_dtype)
+            return grad * rescale if rescale != 1.0 else grad
+
+        def prepared_pair(grad: Tensor) -> tuple[Tensor, Tensor]:
+            """(gradient for the update, gradient for the trust-ratio norm)."""
+            for_update = prepared(grad, dtype, in_math(rescale_grad))
+            if not low_precision_math:
+                return for_update, for_update
+            return for_update, prepared(grad, compute_dtype(dtype), rescale_grad)
 
         grad = grads[i]
         lazy_rows = None
         if grad.is_sparse and lazy_update:
             grad = grad.coalesce()  # sums duplicate indices
-            lazy_rows, grad_rows = grad.indices()[0], prepared(grad.values())
-            # |g| of the present rows is the dense |g|; the "update" norm needs the dense g + wd * w.
-            norm_grad = grad_rows if trust_norm == "sum" else prepared(grad.to_dense())
+            lazy_rows = grad.indices()[0]
+            grad_rows, norm_grad = prepared_pair(grad.values())
+            if trust_norm == "update":  # |g| of the present rows is the dense |g|, but |g + wd * w| is not
+                norm_grad = prepared_pair(grad.to_dense())[1]
         else:
-            grad = norm_grad = prepared(grad.to_dense() if grad.is_sparse else grad)  # to_dense sums duplicates
+            grad, norm_grad = prepared_pair(grad.to_dense() if grad.is_sparse else grad)  # to_dense sums duplicates
 
         if adapt:
             norm_input = param if norm_source == "param" else target
@@ -164,16 +179,16 @@ def lars_step(
             if trust_clip:
                 lam = clip_trust_ratio(lam, lr)
         else:
-            lam = torch.ones((), dtype=torch.float32, device=param.device)
+            lam = torch.ones((), dtype=compute_dtype(dtype), device=param.device)
 
         buf = momentum_buffers[i]
         hyper = dict(
             lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
+            weight_decay=in_math(weight_decay),
+            momentum=in_math(momentum),
             nesterov=nesterov,
             momentum_form=momentum_form,
-            clip_gradient=clip_gradient,
+            clip_gradient=in_math(clip_gradient),
         )
         if lazy_rows is None:
             new_weight, new_buf = _updated(weight, grad, buf, lam, **hyper)

@@ -35,11 +35,6 @@ _ONE_X_FRONT_END = ("For MXNet 1.x numbers (eps=0 by default, momentum correctio
                     "default) use an MXNet 1.x front-end, not this MXNet 2.0 class.")
 
 
-def _round_to_float16(value: float | None) -> float | None:
-    """``value`` rounded to the nearest float16 (``None`` stays ``None``)."""
-    return None if value is None else float(torch.tensor(value, dtype=torch.float16))
-
-
 class _Member(NamedTuple):
     """One weight of an update call, resolved into what the functional core takes."""
 
@@ -166,11 +161,6 @@ class LARS(Optimizer):
             key = (lr, wd, self.uses_trust_ratio(index), momentum, math_dtype)
             groups.setdefault(key, []).append(member)
         for (lr, wd, adapt, momentum, math_dtype), members in groups.items():
-            rescale_grad, group_clip = self.rescale_grad, clip
-            if math_dtype == torch.float16:
-                # MXNet's float16 kernels cast every hyper-parameter to float16 before using it.
-                wd, momentum, rescale_grad, group_clip = (
-                    _round_to_float16(value) for value in (wd, momentum, rescale_grad, group_clip))
             functional.lars(
                 [member.param for member in members],
                 [member.grad for member in members],
@@ -183,8 +173,8 @@ class LARS(Optimizer):
                 adapt=adapt,
                 momentum_form="paper",
                 trust_norm="sum",
-                rescale_grad=rescale_grad,
-                clip_gradient=group_clip,
+                rescale_grad=self.rescale_grad,
+                clip_gradient=clip,
                 master_params=[member.master for member in members],
                 norm_source=norm_source,
                 math_dtype=math_dtype,
