@@ -63,33 +63,22 @@ def _fused_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTenso
                 **options: Any) -> None:
     """The fused CPU kernel for the CPU tensors it covers (one call per dtype), foreach for other
     covered tensors (other devices, or no C++ compiler here), the reference for the rest."""
-    kernel_groups: dict[torch.dtype, list[int]] = {}
-    for i, (p, g, b, m) in enumerate(zip(params, grads, momentum_buffers, master_params)):
-        if fused_cpu.covers(p, g, b if options["momentum"] != 0 else None, m, math_dtype=options["math_dtype"],
-                            stochastic_rounding=options["stochastic_rounding"]):
-            kernel_groups.setdefault(p.dtype, []).append(i)
-    done: list[int] = []
-    for indices in kernel_groups.values():
-        if fused_cpu.lars_step(
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [momentum_buffers[i] for i in indices],
-            **{name: options[name] for name in _FUSED_OPTIONS},
-        ):
-            done.extend(indices)
-    rest = _others(done, len(params))
+    rest = fused_cpu.step(params, grads, momentum_buffers, master_params,
+                          **{name: options[name] for name in _FUSED_OPTIONS})
     covered = [
         i for i in rest
         if foreach.covers(params[i], grads[i], master_params[i], math_dtype=options["math_dtype"],
                           stochastic_rounding=options["stochastic_rounding"])
     ]
     _run_foreach(covered, params, grads, momentum_buffers, options)
-    _run_reference(_others(done + covered, len(params)), params, grads, momentum_buffers, master_params, options)
+    taken = set(covered)
+    _run_reference([i for i in rest if i not in taken], params, grads, momentum_buffers, master_params, options)
 
 
 _FUSED_OPTIONS = (
     "lr", "weight_decay", "momentum", "eta", "epsilon", "adapt", "nesterov", "momentum_form", "trust_norm",
-    "trust_clip", "rescale_grad", "clip_gradient", "maximize", "grad_scale", "found_inf",
+    "trust_clip", "rescale_grad", "clip_gradient", "maximize", "grad_scale", "found_inf", "math_dtype",
+    "stochastic_rounding",
 )
 _REFERENCE_ONLY_OPTIONS = ("norm_source", "math_dtype", "lazy_update", "stochastic_rounding", "generator")
 

@@ -108,26 +108,31 @@ def unavailable_reason() -> str | None:
     return _library_error
 
 
-def _dense_same_layout(param: Tensor, *others: Tensor) -> bool:
-    """True when the kernel may walk all tensors' storage as one flat array in the same order:
-    the norms do not depend on the order, and the update is element-wise."""
-    if not (param.is_contiguous() or param.is_contiguous(memory_format=torch.channels_last)):
-        return False
-    return all(
-        other.dtype == param.dtype and other.device == param.device and not other.is_sparse
-        and other.stride() == param.stride() and other.shape == param.shape
-        for other in others
-    )
+def _same_layout(param: Tensor, other: Tensor) -> bool:
+    return other.dtype == param.dtype and other.shape == param.shape and other.stride() == param.stride() \
+        and other.is_cpu and not other.is_sparse
 
 
 def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | None, *, math_dtype: torch.dtype | None,
            stochastic_rounding: bool) -> bool:
-    """Whether the kernel computes this tensor's step exactly like the reference."""
-    if master is not None or math_dtype is not None or param.device.type != "cpu" or grad.is_sparse:
+    """Whether the kernel computes this tensor's step exactly like the reference.
+
+    The kernel walks the storage of param, grad and buffer as flat arrays in the same order, so
+    they must be dense and laid out alike (any dense layout works: the norms do not depend on the
+    order and the update is element-wise). It runs once per tensor per step, so the common case
+    (all contiguous) is checked first and cheaply.
+    """
+    if master is not None or math_dtype is not None or not param.is_cpu or grad.is_sparse:
         return False
-    if param.dtype not in _DTYPE_CODES or (stochastic_rounding and param.dtype == torch.bfloat16):
+    dtype = param.dtype
+    if dtype not in _DTYPE_CODES or (stochastic_rounding and dtype == torch.bfloat16) or grad.dtype != dtype:
         return False
-    return _dense_same_layout(param, grad, *([buf] if buf is not None else []))
+    if param.is_contiguous() and grad.is_contiguous() and (buf is None or buf.is_contiguous()):
+        return grad.shape == param.shape and (buf is None or (buf.dtype == dtype and buf.shape == param.shape
+                                                              and buf.is_cpu))
+    if not param.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return _same_layout(param, grad) and (buf is None or _same_layout(param, buf))
 
 
 def _scalar_argument(value: Tensor | None) -> tuple[int, int] | None:
@@ -140,14 +145,23 @@ def _scalar_argument(value: Tensor | None) -> tuple[int, int] | None:
     return value.data_ptr(), _SCALAR_KINDS[value.dtype]
 
 
-def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+class _Batch:
+    """The tensors of one dtype for one kernel call, as the raw pointers the kernel takes."""
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] = []
+        self.buffers: list[Tensor] = []
+        self.param_pointers: list[int] = []
+        self.grad_pointers: list[int] = []
+        self.buffer_pointers: list[int] = []
+        self.numels: list[int] = []
 
 
-def lars_step(
+def step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
+    master_params: Sequence[Tensor | None],
     *,
     lr: float | Tensor,
     weight_decay: float,
@@ -164,42 +178,81 @@ def lars_step(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> bool:
-    """Step tensors that :func:`covers` accepted, all of one dtype. Returns False (and touches
-    nothing) when the kernel is unavailable or cannot read ``lr``/``grad_scale``/``found_inf``
-    where they are; the caller then uses another implementation."""
+    math_dtype: torch.dtype | None,
+    stochastic_rounding: bool,
+) -> list[int]:
+    """Step every tensor the kernel covers (:func:`covers`), one kernel call per dtype, and return
+    the indices of the others, untouched, for the caller to hand to another implementation. All
+    are returned when the kernel is unavailable here or cannot read ``lr``/``grad_scale``/
+    ``found_inf`` where they live (another device)."""
     library = load()
     lr_argument = _scalar_argument(lr) if isinstance(lr, Tensor) else (0, 0)
     scale_argument = _scalar_argument(grad_scale)
     found_inf_argument = _scalar_argument(found_inf)
     if library is None or lr_argument is None or scale_argument is None or found_inf_argument is None:
-        return False
+        return list(range(len(params)))
+
+    # One pass over the tensors, the common case (contiguous, no master) checked inline: on many
+    # small tensors the per-tensor Python cost is most of a step.
+    batches: dict[torch.dtype, _Batch] = {}
+    rest: list[int] = []
+    use_momentum = momentum != 0
+    excluded_dtype = torch.bfloat16 if stochastic_rounding else None
+    no_masters = math_dtype is None and all(master is None for master in master_params)
+    for i, param in enumerate(params):
+        grad = grads[i]
+        buf = momentum_buffers[i] if use_momentum else None
+        dtype = param.dtype
+        contiguous_case = (
+            no_masters and dtype in _DTYPE_CODES and dtype is not excluded_dtype and param.is_cpu
+            and grad.dtype == dtype and not grad.is_sparse and param.is_contiguous() and grad.is_contiguous()
+            and grad.numel() == param.numel()
+            and (buf is None or (buf.is_contiguous() and buf.dtype == dtype and buf.numel() == param.numel()
+                                 and buf.is_cpu))
+        )
+        if not contiguous_case and not covers(param, grad, buf, master_params[i], math_dtype=math_dtype,
+                                              stochastic_rounding=stochastic_rounding):
+            rest.append(i)
+            continue
+        batch = batches.get(dtype)
+        if batch is None:
+            batch = batches[dtype] = _Batch()
+        batch.params.append(param)
+        batch.param_pointers.append(param.data_ptr())
+        batch.grad_pointers.append(grad.data_ptr())
+        batch.numels.append(param.numel())
+        if use_momentum:
+            batch.buffers.append(buf)
+            batch.buffer_pointers.append(buf.data_ptr())
+
     hyper = (ctypes.c_double * 7)(
         0.0 if isinstance(lr, Tensor) else float(lr),
         weight_decay, momentum, eta, epsilon, rescale_grad,
         math.inf if clip_gradient is None else clip_gradient,
     )
     flags = (ctypes.c_int32 * 6)(
-        adapt, nesterov, trust_norm == "update", trust_clip, maximize, 0 if momentum == 0 else _FORMS[momentum_form]
+        adapt, nesterov, trust_norm == "update", trust_clip, maximize, _FORMS[momentum_form] if use_momentum else 0
     )
-    buffers = momentum_buffers if momentum != 0 else ()
-    library.larsopt_lars_step(
-        _DTYPE_CODES[params[0].dtype],
-        len(params),
-        _pointers(params),
-        _pointers(grads),
-        _pointers(buffers) if buffers else None,
-        (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
-        hyper,
-        flags,
-        *lr_argument,
-        *scale_argument,
-        *found_inf_argument,
-        torch.get_num_threads(),
-    )
-    # The kernel wrote through raw pointers: bump the version counters as an in-place op would,
-    # so autograd still detects a param saved for backward and changed by the step.
-    torch.autograd.graph.increment_version(list(params))
-    if buffers:
-        torch.autograd.graph.increment_version(list(buffers))
-    return True
+    threads = torch.get_num_threads()
+    for dtype, batch in batches.items():
+        count = len(batch.params)
+        library.larsopt_lars_step(
+            _DTYPE_CODES[dtype],
+            count,
+            (ctypes.c_void_p * count)(*batch.param_pointers),
+            (ctypes.c_void_p * count)(*batch.grad_pointers),
+            (ctypes.c_void_p * count)(*batch.buffer_pointers) if use_momentum else None,
+            (ctypes.c_int64 * count)(*batch.numels),
+            hyper,
+            flags,
+            *lr_argument,
+            *scale_argument,
+            *found_inf_argument,
+            threads,
+        )
+        # The kernel wrote through raw pointers: bump the version counters as an in-place op
+        # would, so autograd still detects a param saved for backward and changed by the step.
+        torch.autograd.graph.increment_version(batch.params)
+        if use_momentum:
+            torch.autograd.graph.increment_version(batch.buffers)
+    return rest

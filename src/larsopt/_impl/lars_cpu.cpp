@@ -64,16 +64,17 @@ struct Hyper {
   int form;
 };
 
-// The rescaled gradient gr = ((±g) / scale) * r, in the reference's order. Dividing by 1 and
-// multiplying by 1 are exact, so the flags only pick the sign.
-template <typename D>
+// The rescaled gradient gr = ((±g) / scale) * r, in the reference's order. Multiplying by ±1 and
+// by r = 1 is exact; the division (slow) is compiled in only when there is an AMP scale.
+template <bool HasScale, typename D>
 inline D rescaled(D g, D sign, D scale, D rescale) {
-  return ((g * sign) / scale) * rescale;
+  const D signed_g = g * sign;
+  return (HasScale ? signed_g / scale : signed_g) * rescale;
 }
 
 // Sums of squares of w, of the rescaled gradient gr and (trust_norm "update") of gr + wd * w over
 // [begin, end), added to out[0..2].
-template <typename T, bool TrustUpdate>
+template <typename T, bool TrustUpdate, bool HasScale>
 void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
   using D = typename Compute<T>::type;
   const D sign = h.maximize ? D(-1) : D(1), scale = D(h.grad_scale), rescale = D(h.rescale), wd = D(h.weight_decay);
@@ -84,7 +85,7 @@ void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const H
 #pragma omp simd reduction(+ : bw, bg, bu)
     for (int64_t i = start; i < stop; ++i) {
       const D wi = load(w, i);
-      const D gi = rescaled(D(load(g, i)), sign, scale, rescale);
+      const D gi = rescaled<HasScale>(D(load(g, i)), sign, scale, rescale);
       bw += wi * wi;
       bg += gi * gi;
       if (TrustUpdate) {
@@ -123,7 +124,7 @@ D trust_ratio(const double* sums, const Hyper& h) {
 }
 
 // The update over [begin, end) with trust ratio lam (reference._updated, element-wise).
-template <typename T, int F, bool Nesterov, bool HasWd>
+template <typename T, int F, bool Nesterov, bool HasWd, bool HasScale>
 void update_range(T* w, const T* g, T* b, int64_t begin, int64_t end, typename Compute<T>::type lam,
                   const Hyper& h) {
   using D = typename Compute<T>::type;
@@ -134,7 +135,7 @@ void update_range(T* w, const T* g, T* b, int64_t begin, int64_t end, typename C
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const D wi = load(w, i);
-    D u = rescaled(D(load(g, i)), sign, scale, rescale);
+    D u = rescaled<HasScale>(D(load(g, i)), sign, scale, rescale);
     u = u < -clip ? -clip : (u > clip ? clip : u);  // NaN passes through, as in torch.clamp
     if (HasWd) u = u + wd * wi;
     if (F == kNoMomentum) {
@@ -156,29 +157,33 @@ void update_range(T* w, const T* g, T* b, int64_t begin, int64_t end, typename C
 template <typename T>
 using UpdateFn = void (*)(T*, const T*, T*, int64_t, int64_t, typename Compute<T>::type, const Hyper&);
 
+// The update_range instance for the flags of h (one compiled loop per combination, no branches
+// inside the loop).
+template <typename T, int F, bool Nesterov, bool HasWd>
+UpdateFn<T> pick_scale(const Hyper& h) {
+  return h.has_scale ? update_range<T, F, Nesterov, HasWd, true> : update_range<T, F, Nesterov, HasWd, false>;
+}
+
+template <typename T, int F, bool Nesterov>
+UpdateFn<T> pick_wd(const Hyper& h) {
+  return h.has_wd ? pick_scale<T, F, Nesterov, true>(h) : pick_scale<T, F, Nesterov, false>(h);
+}
+
 template <typename T>
 UpdateFn<T> pick_update(const Hyper& h) {
-  const int key = h.form * 4 + (h.nesterov ? 2 : 0) + (h.has_wd ? 1 : 0);
-  switch (key) {
-    case 0: case 2: return update_range<T, kNoMomentum, false, false>;
-    case 1: case 3: return update_range<T, kNoMomentum, false, true>;
-    case 4: return update_range<T, kPaper, false, false>;
-    case 5: return update_range<T, kPaper, false, true>;
-    case 6: return update_range<T, kPaper, true, false>;
-    case 7: return update_range<T, kPaper, true, true>;
-    case 8: return update_range<T, kTorch, false, false>;
-    case 9: return update_range<T, kTorch, false, true>;
-    case 10: return update_range<T, kTorch, true, false>;
-    default: return update_range<T, kTorch, true, true>;
-  }
+  if (h.form == kPaper) return h.nesterov ? pick_wd<T, kPaper, true>(h) : pick_wd<T, kPaper, false>(h);
+  if (h.form == kTorch) return h.nesterov ? pick_wd<T, kTorch, true>(h) : pick_wd<T, kTorch, false>(h);
+  return pick_wd<T, kNoMomentum, false>(h);
 }
 
 template <typename T>
 void sums(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
   if (h.trust_update && h.has_wd) {
-    sums_of_squares<T, true>(w, g, begin, end, h, out);
+    if (h.has_scale) sums_of_squares<T, true, true>(w, g, begin, end, h, out);
+    else sums_of_squares<T, true, false>(w, g, begin, end, h, out);
   } else {
-    sums_of_squares<T, false>(w, g, begin, end, h, out);
+    if (h.has_scale) sums_of_squares<T, false, true>(w, g, begin, end, h, out);
+    else sums_of_squares<T, false, false>(w, g, begin, end, h, out);
     if (h.trust_update) out[2] = out[1];  // wd == 0: g + wd * w is g
   }
 }
