@@ -4,6 +4,7 @@ small images (8x8 digits up to 32x32 CIFAR-10) and a CPU."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -13,26 +14,26 @@ from larsopt.cli.errors import UsageError
 
 def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Two hidden layers of 256 ReLU units, any input shape (flattened)."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(math.prod(input_shape), 256), nn.ReLU(),
-        nn.Linear(256, 256), nn.ReLU(),
-        nn.Linear(256, num_classes),
-    )
+    return nn.Sequential(OrderedDict([
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(math.prod(input_shape), 256)), ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(256, 256)), ("relu2", nn.ReLU()),
+        ("classifier", nn.Linear(256, num_classes)),
+    ]))
 
 
 def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Three 3x3 convolutions (32, 64, 128 channels, one 2x2 max-pool), global average pooling
     and a linear classifier; no normalisation layers."""
     channels = _image_channels(input_shape, "cnn")
-    return nn.Sequential(
-        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(128, num_classes),
-    )
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(channels, 32, 3, padding=1)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(32, 64, 3, padding=1)), ("relu2", nn.ReLU()),
+        ("pool", nn.MaxPool2d(2)),
+        ("conv3", nn.Conv2d(64, 128, 3, padding=1)), ("relu3", nn.ReLU()),
+        ("global_pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+        ("classifier", nn.Linear(128, num_classes)),
+    ]))
 
 
 class BasicBlock(nn.Module):

@@ -81,8 +81,11 @@ def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         sizes = [row["batch_size"] for row in mine]
         accuracy_axes.plot(sizes, [row["final_test_accuracy"] for row in mine], marker="o", label=optimizer.upper())
         time_axes.plot(sizes, [row["wall_time_s"] for row in mine], marker="o", label=optimizer.upper())
+    sizes = sorted({row["batch_size"] for row in rows})
     for axes in (accuracy_axes, time_axes):
         axes.set_xscale("log", base=2)
+        axes.set_xticks(sizes, [str(size) for size in sizes])
+        axes.minorticks_off()
         axes.set_xlabel("batch size")
         axes.grid(alpha=0.3)
         axes.legend()
