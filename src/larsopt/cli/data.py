@@ -56,7 +56,7 @@ def load(spec: str) -> Dataset:
     if kind == "digits" and not argument:
         return _digits()
     if kind == "synthetic":
-        return _synthetic(_synthetic_size(argument if spec != "synthetic" else ""))
+        return _synthetic(_synthetic_size(argument))
     if kind == "cifar10" and argument:
         return _cifar10(Path(argument))
     if kind == "npz" and argument:

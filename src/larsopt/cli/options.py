@@ -44,6 +44,7 @@ DEFAULT_LR = {"lars": 10.0, "sgd": 0.1}
 COMPARE_DEFAULTS: dict[str, Any] = {
     "batch_sizes": "64,128,256,512,1437",
     "epochs": 30,
+    "seeds": 3,
 }
 
 TRAIN_EXAMPLES = """examples:
@@ -157,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="LARS against SGD (linear scaling + warm-up) over several batch sizes",
         description="Train the same model with LARS and with SGD (Goyal et al. 2017: lr 0.1 * batch / 256, "
-                    "linear warm-up) at several batch sizes for the same number of epochs; print a table, "
-                    "write compare.json and compare.png into --out.",
+                    "linear warm-up) at several batch sizes for the same number of epochs, three seeds each "
+                    "(--seed and the two after it); print a table, write compare.json and compare.png into --out.",
         epilog=COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(compare)
     compare.add_argument("--batch-sizes", type=batch_size_list,

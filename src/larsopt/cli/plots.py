@@ -71,7 +71,8 @@ def trust_heatmap(path: Path, names: list[str], history: list[list[float]], titl
 
 
 def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Test accuracy and wall time against batch size, one line per optimizer."""
+    """Test accuracy (mean and standard deviation over seeds) and wall time (fastest seed) against
+    batch size, one line per optimizer."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 3.8), layout="constrained")
@@ -79,7 +80,9 @@ def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     for optimizer in dict.fromkeys(row["optimizer"] for row in rows):
         mine = sorted((row for row in rows if row["optimizer"] == optimizer), key=lambda row: row["batch_size"])
         sizes = [row["batch_size"] for row in mine]
-        accuracy_axes.plot(sizes, [row["final_test_accuracy"] for row in mine], marker="o", label=optimizer.upper())
+        accuracy_axes.errorbar(sizes, [row["final_test_accuracy"] for row in mine],
+                               yerr=[row["final_test_accuracy_std"] for row in mine], marker="o", capsize=3,
+                               label=optimizer.upper())
         time_axes.plot(sizes, [row["wall_time_s"] for row in mine], marker="o", label=optimizer.upper())
     sizes = sorted({row["batch_size"] for row in rows})
     for axes in (accuracy_axes, time_axes):
@@ -90,6 +93,6 @@ def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         axes.grid(alpha=0.3)
         axes.legend()
     accuracy_axes.set(ylabel="final test accuracy", title="accuracy after the same number of epochs")
-    time_axes.set(ylabel="wall time (s)", title="training time")
+    time_axes.set(ylabel="wall time (s), fastest seed", title="training time")
     figure.suptitle(title)
     _save(figure, path)

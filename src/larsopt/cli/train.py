@@ -13,13 +13,12 @@ import numpy as np
 import torch
 
 import larsopt
-from larsopt.cli import data, outputs, plots
+from larsopt.cli import INTERRUPTED_EXIT_CODE, data, outputs, plots
 from larsopt.cli.errors import UsageError
 from larsopt.cli.options import DEFAULT_LR, DEFAULTS
 from larsopt.cli.progress import Progress
 from larsopt.cli.training import RunConfig, RunResult, Runtime, StopRequest, Trainer
 
-INTERRUPTED_EXIT_CODE = 130
 CONFIG_FIELDS = tuple(field.name for field in fields(RunConfig))
 
 

@@ -188,7 +188,6 @@ class Trainer:
 
     def __init__(self, config: RunConfig, dataset: Dataset, runtime: Runtime) -> None:
         self.config = config
-        self.runtime = runtime
         self.device = runtime.device
         torch.manual_seed(config.seed)
         self.model = models.build(config.model, dataset.input_shape, dataset.num_classes).to(self.device)
