@@ -26,8 +26,19 @@ pytest.importorskip("sklearn")
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
 TIME_KEYS = {"epoch_time_s", "samples_per_s", "elapsed_s"}
-# A small, quick run: 160 synthetic training samples, 5 steps per epoch.
-QUICK = ["--data", "synthetic:200", "--batch-size", "32", "--epochs", "3", "--warmup-epochs", "1", "--quiet"]
+# A small, quick run: 160 synthetic training samples, 5 steps per epoch. One thread: models this
+# small gain nothing from two, and a second busy process on the machine can slow two-thread
+# OpenMP regions a hundredfold.
+QUICK = ["--data", "synthetic:200", "--batch-size", "32", "--epochs", "3", "--warmup-epochs", "1", "--quiet",
+         "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> object:
+    """--threads sets torch's thread count for the whole process: put it back after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def train(out: Path, *options: str) -> int:
@@ -73,7 +84,7 @@ def assert_run_files(folder: Path, epochs: int) -> dict:
 def test_short_default_run_writes_valid_files(tmp_path: Path) -> None:
     """The default recipe (digits, MLP, LARS, batch 512) for a few epochs: every file is valid."""
     out = tmp_path / "run"
-    assert main(["train", "--epochs", "6", "--warmup-epochs", "2", "--quiet", "--out", str(out)]) == 0
+    assert main(["train", "--epochs", "6", "--warmup-epochs", "2", "--quiet", "--threads", "1", "--out", str(out)]) == 0
     summary = assert_run_files(out, epochs=6)
     assert summary["config"]["data"] == "digits" and summary["config"]["batch_size"] == 512
     assert summary["data"]["train_samples"] == 1437 and summary["data"]["test_samples"] == 360
@@ -104,8 +115,8 @@ def test_subprocess_run_and_plain_progress_lines(tmp_path: Path) -> None:
 def test_default_out_folder_is_new_under_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["train", *QUICK[:-1], "--epochs", "1", "--quiet"]) == 0
-    assert main(["train", *QUICK[:-1], "--epochs", "1", "--quiet"]) == 0
+    assert main(["train", *QUICK, "--epochs", "1"]) == 0
+    assert main(["train", *QUICK, "--epochs", "1"]) == 0
     folders = sorted((tmp_path / "runs").iterdir())
     assert len(folders) == 2
     assert str(Path("runs") / folders[1].name) in capsys.readouterr().out
@@ -142,7 +153,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(tmp_path: Path, monkeypatc
     assert len(metrics_without_time(stopped)) == 1
     monkeypatch.setattr(Progress, "step", original_step)
 
-    assert main(["train", "--out", str(stopped), "--resume", "--quiet"]) == 0
+    assert main(["train", "--out", str(stopped), "--resume", "--quiet", "--threads", "1"]) == 0
     assert metrics_without_time(stopped) == metrics_without_time(tmp_path / "whole")
     assert_same_state(checkpoint(stopped), checkpoint(tmp_path / "whole"))
     assert_run_files(stopped, epochs=3)
@@ -153,7 +164,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     """SIGKILL a subprocess after its first checkpoint, rows logged after the checkpoint are
     dropped, and --resume finishes exactly like an uninterrupted run."""
     options = ["--data", "synthetic:2000", "--batch-size", "16", "--epochs", "6", "--warmup-epochs", "1",
-               "--checkpoint-every", "2", "--quiet"]
+               "--checkpoint-every", "2", "--quiet", "--threads", "1"]
     assert main(["train", *options, "--out", str(tmp_path / "whole")]) == 0
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "larsopt", "train", *options, "--out", str(killed)],
@@ -165,7 +176,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert checkpoint(killed)["epoch"] < 6
-    assert main(["train", "--out", str(killed), "--resume", "--quiet"]) == 0
+    assert main(["train", "--out", str(killed), "--resume", "--quiet", "--threads", "1"]) == 0
     assert metrics_without_time(killed) == metrics_without_time(tmp_path / "whole")
     assert_same_state(checkpoint(killed), checkpoint(tmp_path / "whole"))
 
@@ -173,7 +184,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
 def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     assert train(tmp_path / "run") == 0
     before = checkpoint(tmp_path / "run")
-    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet", "--threads", "1"]) == 0
     assert_same_state(before, checkpoint(tmp_path / "run"))
 
 
@@ -213,7 +224,7 @@ def test_npz_loader_trains(tmp_path: Path, shape: tuple[int, ...], model: str) -
     path = write_npz(tmp_path / "data.npz", shape)
     out = tmp_path / "run"
     assert main(["train", "--data", f"npz:{path}", "--model", model, "--batch-size", "16", "--epochs", "1",
-                 "--quiet", "--out", str(out)]) == 0
+                 "--quiet", "--threads", "1", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     expected_shape = list(shape) if len(shape) != 2 else [1, *shape]
     assert summary["data"] == {"name": "npz:data.npz", "train_samples": 40, "test_samples": 12,
@@ -226,7 +237,7 @@ def test_cifar10_loader_trains(tmp_path: Path, nested: bool) -> None:
     write_cifar(root / "cifar-10-batches-py" if nested else root)
     out = tmp_path / "run"
     assert main(["train", "--data", f"cifar10:{root}", "--model", "cnn", "--batch-size", "32", "--epochs", "1",
-                 "--quiet", "--out", str(out)]) == 0
+                 "--quiet", "--threads", "1", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["input_shape"] == [3, 32, 32]
     assert (summary["data"]["train_samples"], summary["data"]["test_samples"]) == (60, 10)
@@ -281,7 +292,7 @@ def test_logged_trust_ratio_is_the_optimizers() -> None:
 def test_compare_writes_table_json_and_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "compare"
     assert main(["compare", "--data", "synthetic:200", "--batch-sizes", "16,64", "--epochs", "2", "--quiet",
-                 "--out", str(out)]) == 0
+                 "--threads", "1", "--out", str(out)]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert {(run["optimizer"], run["batch_size"]) for run in report["runs"]} == {
         ("lars", 16), ("sgd", 16), ("lars", 64), ("sgd", 64)}
