@@ -58,7 +58,7 @@ TRAIN_EXAMPLES = """examples:
 
 COMPARE_EXAMPLES = """examples:
   larsopt compare                                  # digits, MLP, 30 epochs, batch 64..1437
-  larsopt compare --model cnn --batch-sizes 64,256,1024 --epochs 20 --out runs/cnn-compare
+  larsopt compare --data synthetic:5000 --batch-sizes 32,256,2048 --epochs 10 --out runs/synthetic
 """
 
 
@@ -105,25 +105,52 @@ def _shown(name: str) -> str:
     return f" (default: {DEFAULTS[name]})"
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by train and compare: what is trained and how it is executed."""
-    parser.add_argument("--data", help=f"{DATA_HELP}{_shown('data')}")
-    parser.add_argument("--model", choices=tuple(MODELS), help=f"model{_shown('model')}")
-    parser.add_argument("--warmup-epochs", type=nonnegative_float, help=f"linear warm-up length{_shown('warmup_epochs')}")
-    parser.add_argument("--schedule", choices=SCHEDULES,
-                        help=f"after warm-up: poly = (1 - t)^2 decay (MLPerf), cosine, constant{_shown('schedule')}")
-    parser.add_argument("--exclude", choices=EXCLUDES,
-                        help="parameters without trust ratio (larsopt.param_groups presets): norm_and_bias = "
-                             "norm layers and biases, no weight decay either (MLPerf){}".format(_shown("exclude")))
-    parser.add_argument("--label-smoothing", type=unit_interval, help=f"{_shown('label_smoothing')[1:]}")
-    parser.add_argument("--seed", type=nonnegative_int, help=f"model initialisation and data order{_shown('seed')}")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto = cuda if available (default: auto)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--precision", choices=PRECISIONS,
-                        help=f"bf16/fp16 run the model under torch.autocast (fp16 adds a GradScaler){_shown('precision')}")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data and model")
+    group.add_argument("--data", help=f"{DATA_HELP}{_shown('data')}")
+    group.add_argument("--model", choices=tuple(MODELS), help=f"model{_shown('model')}")
+
+
+def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer{_shown('optimizer')}")
+    group.add_argument("--batch-size", type=positive_int, help=f"{_shown('batch_size')[1:]}")
+    group.add_argument("--epochs", type=positive_int, help=f"{_shown('epochs')[1:]}")
+    group.add_argument("--lr", type=nonnegative_float,
+                       help=f"LARS: peak learning rate (default: {DEFAULT_LR['lars']}); SGD: learning rate for "
+                            f"batch 256, scaled linearly to the batch size (default: {DEFAULT_LR['sgd']})")
+    group.add_argument("--momentum", type=unit_interval, help=f"{_shown('momentum')[1:]}")
+    group.add_argument("--weight-decay", type=nonnegative_float, help=f"{_shown('weight_decay')[1:]}")
+    group.add_argument("--eta", type=nonnegative_float, help=f"LARS trust coefficient{_shown('eta')}")
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("schedule and regularisation")
+    group.add_argument("--warmup-epochs", type=nonnegative_float, help=f"linear warm-up length{_shown('warmup_epochs')}")
+    group.add_argument("--schedule", choices=SCHEDULES,
+                       help=f"after warm-up: poly = (1 - t)^2 decay (MLPerf), cosine, constant{_shown('schedule')}")
+    group.add_argument("--exclude", choices=EXCLUDES,
+                       help="parameters without trust ratio (larsopt.param_groups presets): norm_and_bias = "
+                            "norm layers and biases, no weight decay either (MLPerf){}".format(_shown("exclude")))
+    group.add_argument("--label-smoothing", type=unit_interval, help=f"{_shown('label_smoothing')[1:]}")
+    group.add_argument("--seed", type=nonnegative_int, help=f"model initialisation and data order{_shown('seed')}")
+
+
+def _add_execution_options(parser: argparse.ArgumentParser, resumable: bool) -> None:
+    group = parser.add_argument_group("execution and output")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto = cuda if available (default: auto)")
+    group.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--precision", choices=PRECISIONS,
+                       help=f"bf16/fp16 run the model under torch.autocast (fp16 adds a GradScaler){_shown('precision')}")
+    group.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    group.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    group.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
+    if resumable:
+        group.add_argument("--checkpoint-every", type=positive_int,
+                           help=f"epochs between checkpoints{_shown('checkpoint_every')}")
+        group.add_argument("--resume", action="store_true",
+                           help="continue the run in --out from its checkpoint.pt, with its settings")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,21 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model with a large batch (default: digits, MLP, LARS) and plot it",
         description="Train a model, write metrics.jsonl, summary.json, curves.png, trust.png and checkpoint.pt "
                     "into --out.", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_options(train)
-    train.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer{_shown('optimizer')}")
-    train.add_argument("--batch-size", type=positive_int, help=f"{_shown('batch_size')[1:]}")
-    train.add_argument("--epochs", type=positive_int, help=f"{_shown('epochs')[1:]}")
-    train.add_argument("--lr", type=nonnegative_float,
-                       help=f"LARS: peak learning rate (default: {DEFAULT_LR['lars']}); SGD: learning rate for "
-                            f"batch 256, scaled linearly to the batch size (default: {DEFAULT_LR['sgd']})")
-    train.add_argument("--momentum", type=unit_interval, help=f"{_shown('momentum')[1:]}")
-    train.add_argument("--weight-decay", type=nonnegative_float, help=f"{_shown('weight_decay')[1:]}")
-    train.add_argument("--eta", type=nonnegative_float, help=f"LARS trust coefficient{_shown('eta')}")
-    train.add_argument("--checkpoint-every", type=positive_int,
-                       help=f"epochs between checkpoints{_shown('checkpoint_every')}")
-    train.add_argument("--out", help="output folder (default: a new folder under runs/)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from its checkpoint.pt, with its settings")
+    _add_data_options(train)
+    _add_optimizer_options(train)
+    _add_recipe_options(train)
+    _add_execution_options(train, resumable=True)
 
     compare = commands.add_parser(
         "compare", help="LARS against SGD (linear scaling + warm-up) over several batch sizes",
@@ -161,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "linear warm-up) at several batch sizes for the same number of epochs, three seeds each "
                     "(--seed and the two after it); print a table, write compare.json and compare.png into --out.",
         epilog=COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_options(compare)
-    compare.add_argument("--batch-sizes", type=batch_size_list,
-                         help=f"comma-separated (default: {COMPARE_DEFAULTS['batch_sizes']})")
-    compare.add_argument("--epochs", type=positive_int, help=f"per run (default: {COMPARE_DEFAULTS['epochs']})")
-    compare.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    _add_data_options(compare)
+    runs = compare.add_argument_group("runs")
+    runs.add_argument("--batch-sizes", type=batch_size_list,
+                      help=f"comma-separated (default: {COMPARE_DEFAULTS['batch_sizes']})")
+    runs.add_argument("--epochs", type=positive_int, help=f"per run (default: {COMPARE_DEFAULTS['epochs']})")
+    _add_recipe_options(compare)
+    _add_execution_options(compare, resumable=False)
 
     commands.add_parser("bench", help="optimizer step benchmarks (larsopt.bench; options: larsopt bench --help)",
                         add_help=False)
