@@ -128,7 +128,7 @@ def _group_step(
         lam = _trust_ratios(weights, grad, lr=lr, weight_decay=weight_decay, eta=eta, epsilon=epsilon,
                             trust_norm=trust_norm, trust_clip=trust_clip)
     else:
-        lam = torch.ones(len(params), dtype=torch.float32, device=device)
+        lam = torch.ones(len(params), dtype=dtype, device=device)
 
     update = grad
     if clip_gradient is not None:
