@@ -70,8 +70,9 @@ def command(args: argparse.Namespace) -> int:
                     label = f"{optimizer.upper()} batch {size} seed {seed}"
                     progress = Progress(trainer.total_steps, 0, config.epochs, quiet=args.quiet, label=label)
                     try:
-                        completed = trainer.run(stop, on_step=lambda loss, accuracy: progress.step(loss, accuracy, size),
-                                                on_epoch=lambda row: None, on_checkpoint=None)
+                        completed = trainer.run(
+                            stop, on_step=lambda loss, accuracy: progress.step(loss, accuracy, size),
+                            on_epoch=lambda row: None, on_checkpoint=None)
                     finally:
                         progress.close()
                     if not completed:

@@ -126,7 +126,8 @@ def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("schedule and regularisation")
-    group.add_argument("--warmup-epochs", type=nonnegative_float, help=f"linear warm-up length{_shown('warmup_epochs')}")
+    group.add_argument("--warmup-epochs", type=nonnegative_float,
+                       help=f"linear warm-up length{_shown('warmup_epochs')}")
     group.add_argument("--schedule", choices=SCHEDULES,
                        help=f"after warm-up: poly = (1 - t)^2 decay (MLPerf), cosine, constant{_shown('schedule')}")
     group.add_argument("--exclude", choices=EXCLUDES,
@@ -142,7 +143,8 @@ def _add_execution_options(parser: argparse.ArgumentParser, resumable: bool) -> 
                        help="auto = cuda if available (default: auto)")
     group.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--precision", choices=PRECISIONS,
-                       help=f"bf16/fp16 run the model under torch.autocast (fp16 adds a GradScaler){_shown('precision')}")
+                       help="bf16/fp16 run the model under torch.autocast (fp16 adds a GradScaler)"
+                            f"{_shown('precision')}")
     group.add_argument("--out", help="output folder (default: a new folder under runs/)")
     group.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     group.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
@@ -160,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     from larsopt import __version__
 
     parser.add_argument("--version", action="version", version=f"larsopt {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{train,compare,bench}", parser_class=OneLineArgumentParser)
+    commands = parser.add_subparsers(dest="command", metavar="{train,compare,bench}",
+                                     parser_class=OneLineArgumentParser)
 
     train = commands.add_parser(
         "train", help="train a model with a large batch (default: digits, MLP, LARS) and plot it",
