@@ -58,9 +58,9 @@ def load(spec: str) -> Dataset:
     if kind == "synthetic":
         return _synthetic(_synthetic_size(argument))
     if kind == "cifar10" and argument:
-        return _cifar10(Path(argument))
+        return _cifar10(Path(argument).expanduser())
     if kind == "npz" and argument:
-        return _npz(Path(argument))
+        return _npz(Path(argument).expanduser())
     raise UsageError(f"--data {spec!r}: expected one of {DATA_HELP}")
 
 
