@@ -56,6 +56,9 @@ TRUST_NORMS = ("sum", "update")
 NORM_SOURCES = ("master", "param")
 IMPLS = ("auto", "reference", "foreach", "fused")
 
+#: The trust ratio of one tensor (0-d tensor), as every implementation computes it.
+trust_ratio = reference.trust_ratio
+
 
 _Tensors = Sequence[Tensor]
 _MaybeTensors = Sequence["Tensor | None"]
@@ -204,6 +207,10 @@ def lars(
         return
     if master_params is None:
         master_params = [None] * len(params)
+    if not lazy_update:
+        # A standard (non-lazy) sparse update is the dense update: densify once (duplicate indices
+        # are summed) so that every path, fast ones included, gives exactly the dense result.
+        grads = [grad.to_dense() if grad.is_sparse else grad for grad in grads]
     _IMPLEMENTATIONS[resolve_impl(impl)](
         params,
         grads,

@@ -224,24 +224,25 @@ class LARS(Optimizer):
         for group in self.param_groups:
             params, grads, buffers, masters = [], [], [], []
             use_momentum = group["momentum"] != 0
+            multi_precision, lazy_update = group["multi_precision"], group["lazy_update"]
             for index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
                 grad = param.grad
-                if grad.is_sparse and grad.sparse_dim() != 1 and group["lazy_update"]:
+                if grad is None:
+                    continue
+                if lazy_update and grad.is_sparse and grad.sparse_dim() != 1:
                     raise RuntimeError(f"LARS got a sparse gradient with sparse_dim={grad.sparse_dim()} for param "
                                        f"{self._param_label(group, index)}; lazy_update needs row-sparse gradients "
                                        "(sparse_dim == 1, as nn.Embedding(sparse=True) makes); set lazy_update=False "
                                        "for a dense update")
-                wants_master = group["multi_precision"] and param.dtype in _LOW_PRECISION
-                state = self.state[param] if param in self.state or use_momentum or wants_master else {}
+                wants_master = multi_precision and param.dtype in _LOW_PRECISION
+                state = self.state[param] if use_momentum or wants_master or param in self.state else {}
                 master = None
                 if wants_master:
-                    if "master_param" not in state:
-                        state["master_param"] = param.detach().to(torch.float32, copy=True)
-                    master = state["master_param"]
-                else:
-                    state.pop("master_param", None)  # the param itself is current when masters are off
+                    master = state.get("master_param")
+                    if master is None:
+                        master = state["master_param"] = param.detach().to(torch.float32, copy=True)
+                elif "master_param" in state:
+                    del state["master_param"]  # the param itself is current when masters are off
                 params.append(param)
                 grads.append(grad)
                 masters.append(master)
@@ -249,9 +250,11 @@ class LARS(Optimizer):
                     buffer_dtype = torch.float32 if master is not None else param.dtype
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = torch.zeros_like(param, dtype=buffer_dtype, memory_format=torch.preserve_format)
-                    state["momentum_buffer"] = buf.to(buffer_dtype)
-                    buffers.append(state["momentum_buffer"])
+                        buf = state["momentum_buffer"] = torch.zeros_like(
+                            param, dtype=buffer_dtype, memory_format=torch.preserve_format)
+                    elif buf.dtype != buffer_dtype:
+                        buf = state["momentum_buffer"] = buf.to(buffer_dtype)
+                    buffers.append(buf)
                 else:
                     buffers.append(None)
             F.lars(

@@ -168,7 +168,7 @@ def lars_step(
             if trust_norm == "update":  # |g| of the present rows is the dense |g|, but |g + wd * w| is not
                 norm_grad = prepared_pair(grad.to_dense())[1]
         else:
-            grad, norm_grad = prepared_pair(grad.to_dense() if grad.is_sparse else grad)  # to_dense sums duplicates
+            grad, norm_grad = prepared_pair(grad)  # dense (functional.lars densifies non-lazy sparse grads)
 
         if adapt:
             norm_input = param if norm_source == "param" else target

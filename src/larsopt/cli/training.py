@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import larsopt
+from larsopt import functional
 from larsopt.cli import models
 from larsopt.cli.data import Dataset
 from larsopt.cli.errors import UsageError
@@ -169,18 +170,24 @@ def trust_ratios(layers: list[tuple[str, Tensor, float]], eta: float, grad_scale
     """LARS trust ratio ``eta * |w| / (|g| + wd * |w| + eps)`` per layer (1 where |w| or |g| is 0
     or not finite, as the optimizer does), from gradients divided by ``grad_scale`` (AMP).
 
-    For SGD runs this is the ratio LARS would apply; SGD itself does not use it. The norms are
+    For SGD runs this is the ratio LARS would apply; SGD itself does not use it. The ratios are
     stacked and read back once, so on a GPU logging costs one synchronisation per step.
     """
     if not layers:
         return []
-    w_norms = torch.stack([torch.linalg.vector_norm(param, dtype=torch.float32) for _, param, _ in layers])
-    g_norms = torch.stack([torch.linalg.vector_norm(param.grad, dtype=torch.float32) if param.grad is not None
-                           else w_norms.new_zeros(()) for _, param, _ in layers]) / grad_scale
-    decays = torch.tensor([decay for _, _, decay in layers], dtype=torch.float32, device=w_norms.device)
-    valid = (w_norms > 0) & (g_norms > 0) & torch.isfinite(w_norms) & torch.isfinite(g_norms)
-    ratios = torch.where(valid, eta * w_norms / (g_norms + decays * w_norms + TRUST_EPSILON), torch.ones_like(w_norms))
-    return ratios.tolist()
+    ratios = [
+        functional.trust_ratio(
+            torch.linalg.vector_norm(param, dtype=torch.float32),
+            param.grad / grad_scale if param.grad is not None else torch.zeros_like(param),
+            param,
+            weight_decay=decay,
+            eta=eta,
+            epsilon=TRUST_EPSILON,
+            trust_norm="sum",
+        )
+        for _, param, decay in layers
+    ]
+    return torch.stack(ratios).tolist()
 
 
 class Trainer:
