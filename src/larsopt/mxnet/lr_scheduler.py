@@ -157,13 +157,46 @@ class MultiFactorScheduler(LRScheduler):
         return self.base_lr
 
 
-class PolyScheduler(LRScheduler):
-    """Polynomial decay from ``base_lr`` to ``final_lr`` over ``max_update`` updates.
+class _DecayToFinalScheduler(LRScheduler):
+    """After warm-up, ``final_lr + (base_lr_orig - final_lr) * decay(progress)`` with ``progress``
+    going from 0 to 1 over ``max_update - warmup_steps`` updates; past ``max_update`` the last value
+    is kept (``final_lr`` once ``max_update`` was reached). Poly and Cosine differ only in ``decay``."""
 
-    After warm-up, for ``num_update <= max_update``:
-    ``final_lr + (base_lr_orig - final_lr) * (1 - (num_update - warmup_steps) / (max_update - warmup_steps)) ** pwr``;
-    past ``max_update`` the last value is kept (``final_lr`` once ``max_update`` was reached).
-    """
+    def __init__(
+        self,
+        max_update: int,
+        base_lr: float,
+        final_lr: float,
+        warmup_steps: int,
+        warmup_begin_lr: float,
+        warmup_mode: str,
+    ) -> None:
+        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
+        if not isinstance(max_update, int):
+            raise MXNetAssertionError(f"max_update must be an int, got {max_update!r}")
+        if max_update < 1:
+            raise ValueError("maximum number of updates must be strictly positive")
+        # A copy taken here: an optimizer's later overwrite of base_lr does not reach the decay (as MXNet).
+        self.base_lr_orig = self.base_lr
+        self.max_update = max_update
+        self.final_lr = final_lr
+        self.max_steps = self.max_update - self.warmup_steps
+
+    def decay(self, progress: float) -> float:
+        """The decay factor, from 1 at ``progress == 0`` to 0 at ``progress == 1``."""
+        raise NotImplementedError
+
+    def __call__(self, num_update: int) -> float:
+        if num_update < self.warmup_steps:
+            return self.get_warmup_lr(num_update)
+        if num_update <= self.max_update:
+            progress = float(num_update - self.warmup_steps) / float(self.max_steps)
+            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * self.decay(progress)
+        return self.base_lr
+
+
+class PolyScheduler(_DecayToFinalScheduler):
+    """Polynomial decay: ``decay(progress) = (1 - progress) ** pwr`` (see the base class)."""
 
     def __init__(
         self,
@@ -175,33 +208,15 @@ class PolyScheduler(LRScheduler):
         warmup_begin_lr: float = 0,
         warmup_mode: str = "linear",
     ) -> None:
-        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        if not isinstance(max_update, int):
-            raise MXNetAssertionError(f"max_update must be an int, got {max_update!r}")
-        if max_update < 1:
-            raise ValueError("maximum number of updates must be strictly positive")
+        super().__init__(max_update, base_lr, final_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         self.power = pwr
-        self.base_lr_orig = self.base_lr
-        self.max_update = max_update
-        self.final_lr = final_lr
-        self.max_steps = self.max_update - self.warmup_steps
 
-    def __call__(self, num_update: int) -> float:
-        if num_update < self.warmup_steps:
-            return self.get_warmup_lr(num_update)
-        if num_update <= self.max_update:
-            progress = float(num_update - self.warmup_steps) / float(self.max_steps)
-            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * pow(1 - progress, self.power)
-        return self.base_lr
+    def decay(self, progress: float) -> float:
+        return pow(1 - progress, self.power)
 
 
-class CosineScheduler(LRScheduler):
-    """Cosine decay from ``base_lr`` to ``final_lr`` over ``max_update`` updates.
-
-    After warm-up, for ``num_update <= max_update``:
-    ``final_lr + (base_lr_orig - final_lr) * (1 + cos(pi * (num_update - warmup_steps) / (max_update - warmup_steps))) / 2``;
-    past ``max_update`` the last value is kept.
-    """
+class CosineScheduler(_DecayToFinalScheduler):
+    """Cosine decay: ``decay(progress) = (1 + cos(pi * progress)) / 2`` (see the base class)."""
 
     def __init__(
         self,
@@ -212,23 +227,10 @@ class CosineScheduler(LRScheduler):
         warmup_begin_lr: float = 0,
         warmup_mode: str = "linear",
     ) -> None:
-        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        if not isinstance(max_update, int):
-            raise MXNetAssertionError(f"max_update must be an int, got {max_update!r}")
-        if max_update < 1:
-            raise ValueError("maximum number of updates must be strictly positive")
-        self.base_lr_orig = base_lr
-        self.max_update = max_update
-        self.final_lr = final_lr
-        self.max_steps = self.max_update - self.warmup_steps
+        super().__init__(max_update, base_lr, final_lr, warmup_steps, warmup_begin_lr, warmup_mode)
 
-    def __call__(self, num_update: int) -> float:
-        if num_update < self.warmup_steps:
-            return self.get_warmup_lr(num_update)
-        if num_update <= self.max_update:
-            angle = math.pi * (num_update - self.warmup_steps) / self.max_steps
-            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * (1 + math.cos(angle)) / 2
-        return self.base_lr
+    def decay(self, progress: float) -> float:
+        return (1 + math.cos(math.pi * progress)) / 2
 
 
 __all__ = ["LRScheduler", "FactorScheduler", "MultiFactorScheduler", "PolyScheduler", "CosineScheduler"]
