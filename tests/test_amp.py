@@ -17,8 +17,9 @@ def _batches(n=5):
     return [(torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen)) for _ in range(n)]
 
 
-def _train(model, opt, scaler=None):
-    for x, y in _batches():
+def _train(model, opt, scaler=None, batches=5, unscale_first=False):
+    """Train on the fixed batches; with a scaler, optionally unscale before the step (as for clipping)."""
+    for x, y in _batches(batches):
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         if scaler is None:
@@ -26,6 +27,8 @@ def _train(model, opt, scaler=None):
             opt.step()
         else:
             scaler.scale(loss).backward()
+            if unscale_first:
+                scaler.unscale_(opt)
             scaler.step(opt)
             scaler.update()
 
@@ -42,21 +45,9 @@ def test_grad_scaler_gives_the_unscaled_trajectory():
 
 def test_grad_scaler_after_unscale_for_clipping():
     plain, scaled = _model(), _model()
-    opt_plain = larsopt.LARS(plain.parameters(), lr=0.5, momentum=0.9)
-    opt_scaled = larsopt.LARS(scaled.parameters(), lr=0.5, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    for x, y in _batches(3):
-        for model, opt in ((plain, opt_plain), (scaled, opt_scaled)):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            if opt is opt_plain:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                scaler.step(opt)
-                scaler.update()
+    _train(plain, larsopt.LARS(plain.parameters(), lr=0.5, momentum=0.9), batches=3)
+    _train(scaled, larsopt.LARS(scaled.parameters(), lr=0.5, momentum=0.9),
+           torch.amp.GradScaler("cpu", init_scale=2.0**8), batches=3, unscale_first=True)
     for p, q in zip(plain.parameters(), scaled.parameters()):
         assert torch.equal(p, q)
 

@@ -201,9 +201,9 @@ class LARS(Optimizer):
     def _shared_params_label(self, new_group: dict[str, Any]) -> str:
         """Names (or positions and shapes) of the params of ``new_group`` that a group already has."""
         taken = {p for group in self.param_groups for p in group["params"]}
-        names = new_group.get("param_names")  # torch has split (name, tensor) pairs by now
+        # torch has split (name, tensor) pairs into params and param_names by now
         return ", ".join(
-            repr(names[index]) if names else f"param #{index} (shape {tuple(param.shape)})"
+            f"param {self._param_label(new_group, index)}"
             for index, param in enumerate(new_group["params"])
             if param in taken
         )
