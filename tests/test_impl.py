@@ -216,11 +216,12 @@ class _ConversionCounter(TorchFunctionMode):
 
 @pytest.mark.parametrize("impl", ("auto",) + FAST_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_steady_state_step_has_no_host_sync(impl, dtype):
+@pytest.mark.parametrize("multi_precision", [False, True])
+def test_steady_state_step_has_no_host_sync(impl, dtype, multi_precision):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2)).to(dtype)
     lr = torch.tensor(0.1)
-    groups = larsopt.param_groups(model) if hasattr(larsopt, "param_groups") else model.parameters()
-    optimizer = larsopt.LARS(groups, lr=lr, momentum=0.9, weight_decay=1e-4, trust_clip=True, impl=impl)
+    optimizer = larsopt.LARS(larsopt.param_groups(model), lr=lr, momentum=0.9, weight_decay=1e-4, trust_clip=True,
+                             impl=impl, multi_precision=multi_precision)
     scaler_state = dict(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0))
     for step in range(3):
         model(torch.randn(4, 8).to(dtype)).square().sum().backward()
@@ -234,6 +235,45 @@ def test_steady_state_step_has_no_host_sync(impl, dtype):
         else:
             optimizer.step()
         optimizer.zero_grad()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ("auto",) + FAST_IMPLS)
+@pytest.mark.parametrize("multi_precision", [False, True])
+def test_cuda_step_never_synchronises(impl, multi_precision):
+    """With GradScaler, a tensor lr on the CPU and one on the GPU: no synchronising CUDA call."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2)).cuda()
+    if multi_precision:
+        model = model.to(torch.bfloat16)
+    for lr in (torch.tensor(0.1), torch.tensor(0.1, device="cuda")):
+        optimizer = larsopt.LARS(larsopt.param_groups(model), lr=lr, momentum=0.9, weight_decay=1e-4,
+                                 trust_clip=True, impl=impl, multi_precision=multi_precision)
+        scaler = torch.amp.GradScaler("cuda")
+        for step in range(3):
+            loss = model(torch.randn(4, 8, device="cuda", dtype=model[0].weight.dtype)).float().square().sum()
+            scaler.scale(loss).backward()
+            lr.fill_(0.1 / (step + 1))
+            if step == 2:
+                scaler.unscale_(optimizer)  # the step then gets found_inf without grad_scale
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                scaler.step(optimizer)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            scaler.update()
+            optimizer.zero_grad()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_paths_match_reference(dtype):
+    weights, grads, buffers = (
+        [t.cuda() for t in tensors] for tensors in _inputs(dtype, seed=6, shapes=SHAPES + LARGE_SHAPES))
+    for options in COMBINATIONS[::7]:
+        want = _run("reference", weights, grads, buffers, steps=2, **options)
+        for impl in FAST_IMPLS:
+            got = _run(impl, weights, grads, buffers, steps=2, **options)
+            _assert_close(impl, dtype, got, want, weights, buffers, f"cuda {options}")
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)

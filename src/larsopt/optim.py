@@ -14,7 +14,7 @@ from larsopt import functional as F
 
 _STATE_KEYS = ("momentum_buffer", "master_param")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_OWN_SETTINGS = ("multi_precision", "impl")
+_OWN_SETTINGS = ("multi_precision", "impl", "capturable")
 
 
 def _is_number(value: Any) -> bool:
@@ -34,6 +34,13 @@ def _check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected a finite number >= 0")
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph capture is underway on the current stream."""
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
 def check_hyperparameters(group: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first bad hyper-parameter of a param group."""
     for name in ("lr", "eta", "epsilon", "weight_decay"):
@@ -47,9 +54,13 @@ def check_hyperparameters(group: dict[str, Any]) -> None:
     if clip is not None and (not _is_number(clip) or not clip >= 0):
         raise ValueError(f"Invalid clip_gradient: {clip!r}; expected None (no clipping) or a number >= 0")
     for name in ("nesterov", "trust_clip", "maximize", "lars", "multi_precision", "lazy_update",
-                 "stochastic_rounding"):
+                 "stochastic_rounding", "capturable"):
         if not isinstance(group[name], bool):
             raise ValueError(f"Invalid {name}: {group[name]!r}; expected True or False")
+    if group["capturable"] and not isinstance(group["lr"], Tensor):
+        raise ValueError(f"Invalid lr: {group['lr']!r} with capturable=True; a CUDA graph would keep a Python lr at "
+                         "its captured value: pass lr as a 0-d tensor on the params' device (LR schedulers update "
+                         "it in place)")
     if group["nesterov"] and momentum == 0:
         raise ValueError("Invalid nesterov: True with momentum=0; Nesterov momentum needs momentum > 0")
     for name, allowed in (
@@ -108,6 +119,12 @@ class LARS(Optimizer):
         stochastic_rounding: bfloat16 params without a master copy are written back with
             unbiased stochastic rounding (drawn from ``generator`` when given).
         generator: ``torch.Generator`` for stochastic rounding (not saved in ``state_dict``).
+        capturable: the step will be captured in a CUDA graph (``torch.cuda.graph``). Needs ``lr``
+            as a 0-d tensor on the params' device (change it in place between replays; LR
+            schedulers do) and params on a CUDA device. State is created by eager warm-up steps
+            before the capture (creating it inside a graph raises), and ``load_state_dict`` copies
+            into the existing state tensors, so a graph captured earlier keeps working.
+            Without it, capturing the step raises.
 
     Without ``multi_precision``, float16/bfloat16 params are updated in float32 and rounded
     once; an update below half an ulp of the weight is lost (as in MXNet without
@@ -141,6 +158,7 @@ class LARS(Optimizer):
         lazy_update: bool = True,
         stochastic_rounding: bool = False,
         generator: torch.Generator | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -161,6 +179,7 @@ class LARS(Optimizer):
             norm_source=norm_source,
             lazy_update=lazy_update,
             stochastic_rounding=stochastic_rounding,
+            capturable=capturable,
         )
         check_hyperparameters(defaults)
         if isinstance(params, Tensor):
@@ -170,6 +189,11 @@ class LARS(Optimizer):
             raise ValueError(f"Invalid generator: {generator!r}; expected a torch.Generator or None")
         self.generator = generator
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # pickled before the option existed
+            group.setdefault("capturable", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_hyperparameters({**self.defaults, **param_group})
@@ -221,7 +245,11 @@ class LARS(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        capturing = _capturing()
         for group in self.param_groups:
+            if capturing and not group["capturable"]:
+                raise RuntimeError("LARS.step is being captured in a CUDA graph, but capturable=False; build "
+                                   "LARS(..., capturable=True) with lr as a 0-d tensor on the params' device")
             params, grads, buffers, masters = [], [], [], []
             use_momentum = group["momentum"] != 0
             multi_precision, lazy_update = group["multi_precision"], group["lazy_update"]
@@ -234,12 +262,15 @@ class LARS(Optimizer):
                                        f"{self._param_label(group, index)}; lazy_update needs row-sparse gradients "
                                        "(sparse_dim == 1, as nn.Embedding(sparse=True) makes); set lazy_update=False "
                                        "for a dense update")
+                if group["capturable"]:
+                    self._check_capturable(group, index)
                 wants_master = multi_precision and param.dtype in _LOW_PRECISION
                 state = self.state[param] if use_momentum or wants_master or param in self.state else {}
                 master = None
                 if wants_master:
                     master = state.get("master_param")
                     if master is None:
+                        self._check_not_capturing(capturing, group, index, "master_param")
                         master = state["master_param"] = param.detach().to(torch.float32, copy=True)
                 elif "master_param" in state:
                     del state["master_param"]  # the param itself is current when masters are off
@@ -249,6 +280,8 @@ class LARS(Optimizer):
                 if use_momentum:
                     buffer_dtype = torch.float32 if master is not None else param.dtype
                     buf = state.get("momentum_buffer")
+                    if buf is None or buf.dtype != buffer_dtype:
+                        self._check_not_capturing(capturing, group, index, "momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = torch.zeros_like(
                             param, dtype=buffer_dtype, memory_format=torch.preserve_format)
@@ -285,12 +318,32 @@ class LARS(Optimizer):
             )
         return loss
 
+    def _check_capturable(self, group: dict[str, Any], index: int) -> None:
+        """capturable=True: the param is on a CUDA device and the lr tensor on the same one."""
+        param, lr = group["params"][index], group["lr"]
+        if param.device.type != "cuda":
+            raise ValueError(f"Invalid capturable: True for param {self._param_label(group, index)} on "
+                             f"{param.device}; CUDA graphs need CUDA params (set capturable=False on other devices)")
+        if lr.device != param.device:
+            raise ValueError(f"Invalid lr: a tensor on {lr.device} with capturable=True and params on {param.device}; "
+                             f"put lr on {param.device} (a graph cannot read a tensor on another device)")
+
+    def _check_not_capturing(self, capturing: bool, group: dict[str, Any], index: int, name: str) -> None:
+        """State made inside a CUDA graph would be remade (zeroed, recopied) at every replay."""
+        if capturing:
+            raise RuntimeError(f"LARS: {name} of param {self._param_label(group, index)} would be created inside "
+                               "the CUDA graph being captured, and so reset at every replay; run eager warm-up "
+                               "steps before the capture (see torch.cuda.graphs)")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`. A state that does not fit this optimizer
         raises ``ValueError`` and leaves the optimizer unchanged.
 
-        Hyper-parameters come from the saved state, except ``multi_precision`` and ``impl``,
-        which stay as this optimizer was built. Masters missing from the state (e.g. saved
+        Hyper-parameters come from the saved state, except ``multi_precision``, ``impl`` and
+        ``capturable``, which stay as this optimizer was built. A tensor ``lr`` stays this
+        optimizer's tensor (same object and device) and takes the saved value, so a compiled or
+        captured step keeps reading it; with ``capturable`` the state tensors that exist are
+        overwritten in place for the same reason. Masters missing from the state (e.g. saved
         without ``multi_precision``) are rebuilt from the params at the next step."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups' "
@@ -304,11 +357,14 @@ class LARS(Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"Invalid state_dict: param group {number} has {len(saved['params'])} params "
                                  f"there and {len(group['params'])} here")
-            missing = sorted(set(self.defaults) - set(saved))
+            # (torch's __setstate__, run by every load, adds "differentiable" to the defaults)
+            missing = sorted(set(self.defaults) - set(saved) - set(_OWN_SETTINGS) - {"differentiable"})
             if missing:
                 raise ValueError(f"Invalid state_dict: param group {number} lacks the LARS settings {missing}; "
                                  "is it from a different optimizer?")
-            check_hyperparameters({**self.defaults, **{k: v for k, v in saved.items() if k in self.defaults}})
+            # (the saved values alone: this optimizer's own settings replace the saved ones below)
+            check_hyperparameters({**self.defaults, **{k: v for k, v in saved.items() if k in self.defaults},
+                                   "capturable": False})
             params_by_id.update(zip(saved["params"], group["params"]))
         for key, param_state in state_dict["state"].items():
             param = params_by_id.get(key)
@@ -328,9 +384,18 @@ class LARS(Optimizer):
         # How this optimizer stores and computes (masters, implementation) is its own choice, not
         # a training hyper-parameter: keep it rather than taking the saved one.
         own = [{key: group[key] for key in _OWN_SETTINGS} for group in self.param_groups]
+        own_lrs = [group["lr"] if isinstance(group["lr"], Tensor) else None for group in self.param_groups]
+        captured_state = {param: dict(self.state[param]) for group in self.param_groups if group["capturable"]
+                          for param in group["params"] if param in self.state}
         super().load_state_dict(state_dict)
-        for group, settings in zip(self.param_groups, own):
+        for group, settings, lr in zip(self.param_groups, own, own_lrs):
             group.update(settings)
+            if lr is not None:
+                if isinstance(group["lr"], Tensor):
+                    lr.copy_(group["lr"])
+                else:
+                    lr.fill_(group["lr"])
+                group["lr"] = lr
         # torch casts every floating state tensor to the param's dtype; masters and their
         # momentum stay float32.
         for key, param_state in state_dict["state"].items():
@@ -338,3 +403,8 @@ class LARS(Optimizer):
             for name, value in param_state.items():
                 if isinstance(value, Tensor) and value.dtype == torch.float32 and param.dtype in _LOW_PRECISION:
                     self.state[param][name] = value.to(device=param.device, copy=True)
+        for param, previous in captured_state.items():
+            for name, value in self.state[param].items():
+                old = previous.get(name)
+                if old is not None and (old.shape, old.dtype, old.device) == (value.shape, value.dtype, value.device):
+                    self.state[param][name] = old.copy_(value)

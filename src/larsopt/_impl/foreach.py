@@ -118,7 +118,7 @@ def _group_step(
     if maximize:
         grad, owned = torch._foreach_neg(grad), True
     if grad_scale is not None:
-        grad = torch._foreach_div(grad, grad_scale.to(device=device, dtype=dtype))
+        grad = torch._foreach_div(grad, grad_scale.to(device=device, dtype=dtype, non_blocking=True))
         owned = True
     if rescale_grad != 1.0:
         grad = torch._foreach_mul(grad, rescale_grad)
@@ -142,7 +142,7 @@ def _group_step(
             update = torch._foreach_add(update, weights, alpha=weight_decay)
             owned = True
 
-    skip = found_inf.to(device) > 0 if found_inf is not None else None
+    skip = found_inf.to(device, non_blocking=True) > 0 if found_inf is not None else None
     old_weights = [w.clone() for w in weights] if skip is not None else None
     old_buffers = None
     if momentum == 0:
@@ -204,7 +204,8 @@ def lars_step(
     """Step tensors that :func:`covers` accepted, grouped by device and dtype. ``hyper`` holds the
     remaining keyword arguments of :func:`larsopt.functional.lars` this path uses."""
     for group in group_by_device_and_dtype(range(len(params)), params):
-        group_lr = lr.to(params[group[0]].device) if isinstance(lr, Tensor) else lr
+        # non_blocking: a CPU lr for CUDA params is copied without synchronising the host
+        group_lr = lr.to(params[group[0]].device, non_blocking=True) if isinstance(lr, Tensor) else lr
         _group_step(
             [params[i] for i in group],
             [grads[i] for i in group],

@@ -1,0 +1,163 @@
+"""``capturable=True``: a LARS step captured in a CUDA graph and replayed gives the eager steps.
+
+The CUDA tests run where a GPU is present; the checks that guard a capture (tensor lr, devices,
+no state created inside a graph, load_state_dict in place) run everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import larsopt
+from larsopt import optim
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _params(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 8), (16,), (4, 4, 3, 3), (3,)]
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device=device, dtype=dtype))
+            for shape in shapes]
+
+
+def test_float_lr_is_refused():
+    with pytest.raises(ValueError, match=r"Invalid lr: 0\.1 with capturable=True.*0-d tensor"):
+        larsopt.LARS(_params(), lr=0.1, capturable=True)
+    optimizer = larsopt.LARS(_params()[:2], lr=torch.tensor(0.1), capturable=True)
+    with pytest.raises(ValueError, match=r"Invalid lr: 0\.5 with capturable=True"):
+        optimizer.add_param_group({"params": _params()[2:], "lr": 0.5})
+
+
+def test_capturable_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"Invalid capturable: 'yes'; expected True or False"):
+        larsopt.LARS(_params(), lr=torch.tensor(0.1), capturable="yes")
+
+
+def test_cpu_params_are_refused_at_step():
+    params = _params()
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), capturable=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"capturable: True for param #0 .* on cpu; CUDA graphs need CUDA params"):
+        optimizer.step()
+
+
+def test_capture_without_capturable_raises(monkeypatch):
+    params = _params()
+    optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="captured in a CUDA graph, but capturable=False"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("multi_precision", [False, True])
+def test_state_created_inside_a_capture_raises(monkeypatch, multi_precision):
+    """A momentum buffer (or master) made inside a graph would be re-zeroed at every replay."""
+    params = _params(dtype=torch.bfloat16 if multi_precision else torch.float32)
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, multi_precision=multi_precision,
+                             capturable=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+    monkeypatch.setattr(larsopt.LARS, "_check_capturable", lambda self, group, index: None)  # CPU stands in
+    name = "master_param" if multi_precision else "momentum_buffer"
+    with pytest.raises(RuntimeError, match=rf"{name} of param #0 .* created inside the CUDA graph.*warm-up"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, _params(dtype=params[0].dtype)))
+
+
+def _saved_state(lr: float, fill: float) -> dict:
+    params = _params()
+    optimizer = larsopt.LARS(params, lr=lr, momentum=0.9)
+    for p in params:
+        optimizer.state[p]["momentum_buffer"] = torch.full_like(p, fill)
+    return optimizer.state_dict()
+
+
+def test_load_state_dict_keeps_the_lr_tensor_and_state_tensors():
+    """A graph captured before load_state_dict reads the same lr and buffer tensors afterwards."""
+    params = _params()
+    lr = torch.tensor(0.1)
+    optimizer = larsopt.LARS(params, lr=lr, momentum=0.9, capturable=True)
+    optimizer.load_state_dict(_saved_state(0.25, 1.0))
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in params]
+    optimizer.load_state_dict(_saved_state(0.5, 2.0))
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.5
+    assert optimizer.param_groups[0]["capturable"] is True
+    for p, buffer in zip(params, buffers):
+        assert optimizer.state[p]["momentum_buffer"] is buffer
+        assert torch.equal(buffer, torch.full_like(p, 2.0))
+
+
+def test_state_saved_before_capturable_existed_loads():
+    saved = _saved_state(0.25, 1.0)
+    for group in saved["param_groups"]:
+        del group["capturable"]
+    optimizer = larsopt.LARS(_params(), lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["capturable"] is True
+
+
+def _train_eagerly(params, grads_per_step, lrs, **options):
+    lr = torch.tensor(lrs[0], device=params[0].device)
+    optimizer = larsopt.LARS(params, lr=lr, **options)
+    for grads, value in zip(grads_per_step, lrs):
+        lr.fill_(value)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+    return params
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["auto", "foreach", "reference"])
+@pytest.mark.parametrize("multi_precision", [False, True])
+def test_cuda_graph_replay_matches_eager_steps(impl, multi_precision):
+    dtype = torch.bfloat16 if multi_precision else torch.float32
+    options = dict(momentum=0.9, weight_decay=1e-4, trust_clip=True, impl=impl, multi_precision=multi_precision)
+    generator = torch.Generator().manual_seed(1)
+    steps = 6
+    grads_per_step = [[torch.randn(p.shape, generator=generator).to("cuda", dtype) for p in _params()]
+                      for _ in range(steps)]
+    lrs = [0.1 * 0.8 ** k for k in range(steps)]
+    want = _train_eagerly(_params("cuda", dtype), grads_per_step, lrs, **options)
+
+    params = _params("cuda", dtype)
+    lr = torch.tensor(lrs[0], device="cuda")
+    optimizer = larsopt.LARS(params, lr=lr, capturable=True, **options)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    # Warm-up steps create the state; the first real step is then replayed from the graph.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for p, g in zip(params, grads_per_step[0]):
+            p.grad.copy_(g)
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    for grads, value in zip(grads_per_step[1:], lrs[1:]):
+        lr.fill_(value)
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    for got, expected in zip(params, want):
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+@needs_cuda
+def test_cuda_lr_on_another_device_is_refused():
+    params = _params("cuda")
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), capturable=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"Invalid lr: a tensor on cpu with capturable=True"):
+        optimizer.step()
