@@ -299,6 +299,40 @@ def test_no_recompile_when_lr_changes(impl):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("impl", ("auto", "foreach"))
+def test_compiled_optimizer_step(impl):
+    """torch.compile(fullgraph=True) of LARS.step with inductor: no graph break (the fused kernel is
+    a custom op), the eager numbers, and one compile while a tensor lr changes every step."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+        lr = torch.tensor(0.1)
+        optimizer = larsopt.LARS(larsopt.param_groups(model), lr=lr, momentum=0.9, weight_decay=1e-3, eta=0.02,
+                                 impl=impl)
+        return model, optimizer, lr
+
+    runs = []
+    for compiled in (False, True):
+        model, optimizer, lr = make()
+        step = torch.compile(optimizer.step, fullgraph=True) if compiled else optimizer.step
+        generator = torch.Generator().manual_seed(1)
+        for k in range(4):
+            model(torch.randn(8, 6, generator=generator)).square().mean().backward()
+            lr.fill_(0.1 / (k + 1))
+            step()
+            optimizer.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"]
+    assert sum(counters["recompiles"].values()) == 0
+    torch._dynamo.reset()
+
+
 def test_benchmark_shapes():
     from larsopt import bench
 

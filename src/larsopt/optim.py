@@ -35,7 +35,8 @@ def _check_nonnegative(name: str, value: Any) -> None:
 
 
 def _capturing() -> bool:
-    """Whether a CUDA graph capture is underway on the current stream."""
+    """Whether a CUDA graph capture is underway on the current stream (never while compiling:
+    inductor makes its own graphs)."""
     if torch.compiler.is_compiling() or not torch.cuda.is_available():
         return False
     return torch.cuda.is_current_stream_capturing()
@@ -246,6 +247,9 @@ class LARS(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         capturing = _capturing()
+        # Dynamo shows every group with capturable=True while it traces a step (torch's optimizers
+        # take their capturable path under torch.compile); the checks are for eager CUDA graphs.
+        check_capturable = not torch.compiler.is_compiling()
         for group in self.param_groups:
             if capturing and not group["capturable"]:
                 raise RuntimeError("LARS.step is being captured in a CUDA graph, but capturable=False; build "
@@ -262,7 +266,7 @@ class LARS(Optimizer):
                                        f"{self._param_label(group, index)}; lazy_update needs row-sparse gradients "
                                        "(sparse_dim == 1, as nn.Embedding(sparse=True) makes); set lazy_update=False "
                                        "for a dense update")
-                if group["capturable"]:
+                if group["capturable"] and check_capturable:
                     self._check_capturable(group, index)
                 wants_master = multi_precision and param.dtype in _LOW_PRECISION
                 state = self.state[param] if use_momentum or wants_master or param in self.state else {}

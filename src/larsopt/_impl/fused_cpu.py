@@ -135,26 +135,67 @@ def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | Non
     return _same_layout(param, grad) and (buf is None or _same_layout(param, buf))
 
 
-def _scalar_argument(value: Tensor | None) -> tuple[int, int] | None:
-    """(pointer, kind) of a 0-d CPU float tensor, ``(0, 0)`` for None, ``None`` if the kernel
-    cannot read it (another device or dtype)."""
+def _scalar_pointer(value: Tensor | None) -> tuple[int, int]:
+    """(pointer, kind) of a 0-d CPU float tensor for the kernel, ``(0, 0)`` for None."""
     if value is None:
         return 0, 0
-    if value.device.type != "cpu" or value.dtype not in _SCALAR_KINDS or value.numel() != 1:
-        return None
     return value.data_ptr(), _SCALAR_KINDS[value.dtype]
 
 
+def _readable_scalar(value: Tensor | float | None) -> bool:
+    """Whether the kernel can read this lr/grad_scale/found_inf (a CPU float tensor, or not a tensor)."""
+    return not isinstance(value, Tensor) or (
+        value.device.type == "cpu" and value.dtype in _SCALAR_KINDS and value.numel() == 1)
+
+
+def _call(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: Tensor | None,
+          grad_scale: Tensor | None, found_inf: Tensor | None, hyper: list[float], flags: list[int]) -> None:
+    """One kernel call over tensors of one dtype (``buffers`` empty without momentum)."""
+    count = len(params)
+    library = load()
+    library.larsopt_lars_step(
+        _DTYPE_CODES[params[0].dtype],
+        count,
+        (ctypes.c_void_p * count)(*[t.data_ptr() for t in params]),
+        (ctypes.c_void_p * count)(*[t.data_ptr() for t in grads]),
+        (ctypes.c_void_p * count)(*[t.data_ptr() for t in buffers]) if buffers else None,
+        (ctypes.c_int64 * count)(*[t.numel() for t in params]),
+        (ctypes.c_double * len(hyper))(*hyper),
+        (ctypes.c_int32 * len(flags))(*flags),
+        *_scalar_pointer(lr),
+        *_scalar_pointer(grad_scale),
+        *_scalar_pointer(found_inf),
+        torch.get_num_threads(),
+    )
+
+
+# Under a user's torch.compile the call is this custom op, which dynamo and inductor treat as one
+# opaque in-place node (no graph break, nothing to compile); eagerly, ``_call`` is called directly,
+# which skips the dispatcher's per-tensor work (it matters on thousands of small tensors).
+@torch.library.custom_op("larsopt::lars_cpu_step", mutates_args=("params", "buffers"), device_types="cpu")
+def _lars_cpu_step(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: Tensor | None,
+                   grad_scale: Tensor | None, found_inf: Tensor | None, hyper: list[float], flags: list[int]) -> None:
+    _call(params, grads, buffers, lr, grad_scale, found_inf, hyper, flags)
+
+
+@_lars_cpu_step.register_fake
+def _(params, grads, buffers, lr, grad_scale, found_inf, hyper, flags) -> None:
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _kernel_available() -> bool:
+    """Whether the kernel is built and loaded here (a constant for dynamo: it builds at trace time)."""
+    return load() is not None
+
+
 class _Batch:
-    """The tensors of one dtype for one kernel call, as the raw pointers the kernel takes."""
+    """The tensors of one dtype for one kernel call."""
 
     def __init__(self) -> None:
         self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
         self.buffers: list[Tensor] = []
-        self.param_pointers: list[int] = []
-        self.grad_pointers: list[int] = []
-        self.buffer_pointers: list[int] = []
-        self.numels: list[int] = []
 
 
 def step(
@@ -185,11 +226,8 @@ def step(
     the indices of the others, untouched, for the caller to hand to another implementation. All
     are returned when the kernel is unavailable here or cannot read ``lr``/``grad_scale``/
     ``found_inf`` where they live (another device)."""
-    library = load()
-    lr_argument = _scalar_argument(lr) if isinstance(lr, Tensor) else (0, 0)
-    scale_argument = _scalar_argument(grad_scale)
-    found_inf_argument = _scalar_argument(found_inf)
-    if library is None or lr_argument is None or scale_argument is None or found_inf_argument is None:
+    if not (_kernel_available() and _readable_scalar(lr) and _readable_scalar(grad_scale)
+            and _readable_scalar(found_inf)):
         return list(range(len(params)))
 
     # One pass over the tensors, the common case (contiguous, no master) checked inline: on many
@@ -218,38 +256,26 @@ def step(
         if batch is None:
             batch = batches[dtype] = _Batch()
         batch.params.append(param)
-        batch.param_pointers.append(param.data_ptr())
-        batch.grad_pointers.append(grad.data_ptr())
-        batch.numels.append(param.numel())
+        batch.grads.append(grad)
         if use_momentum:
             batch.buffers.append(buf)
-            batch.buffer_pointers.append(buf.data_ptr())
 
-    hyper = (ctypes.c_double * 7)(
+    hyper = [
         0.0 if isinstance(lr, Tensor) else float(lr),
         weight_decay, momentum, eta, epsilon, rescale_grad,
         math.inf if clip_gradient is None else clip_gradient,
-    )
-    flags = (ctypes.c_int32 * 6)(
-        adapt, nesterov, trust_norm == "update", trust_clip, maximize, _FORMS[momentum_form] if use_momentum else 0
-    )
-    threads = torch.get_num_threads()
-    for dtype, batch in batches.items():
-        count = len(batch.params)
-        library.larsopt_lars_step(
-            _DTYPE_CODES[dtype],
-            count,
-            (ctypes.c_void_p * count)(*batch.param_pointers),
-            (ctypes.c_void_p * count)(*batch.grad_pointers),
-            (ctypes.c_void_p * count)(*batch.buffer_pointers) if use_momentum else None,
-            (ctypes.c_int64 * count)(*batch.numels),
-            hyper,
-            flags,
-            *lr_argument,
-            *scale_argument,
-            *found_inf_argument,
-            threads,
-        )
+    ]
+    flags = [
+        int(adapt), int(nesterov), int(trust_norm == "update"), int(trust_clip), int(maximize),
+        _FORMS[momentum_form] if use_momentum else 0,
+    ]
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    compiling = torch.compiler.is_compiling()
+    for batch in batches.values():
+        if compiling:
+            _lars_cpu_step(batch.params, batch.grads, batch.buffers, lr_tensor, grad_scale, found_inf, hyper, flags)
+            continue
+        _call(batch.params, batch.grads, batch.buffers, lr_tensor, grad_scale, found_inf, hyper, flags)
         # The kernel wrote through raw pointers: bump the version counters as an in-place op
         # would, so autograd still detects a param saved for backward and changed by the step.
         torch.autograd.graph.increment_version(batch.params)
