@@ -328,7 +328,8 @@ class LARS(Optimizer):
         if param.device.type != "cuda":
             raise ValueError(f"Invalid capturable: True for param {self._param_label(group, index)} on "
                              f"{param.device}; CUDA graphs need CUDA params (set capturable=False on other devices)")
-        if lr.device != param.device:
+        # (lr is a tensor unless dynamo set capturable itself, which it does for CUDA groups it traces)
+        if isinstance(lr, Tensor) and lr.device != param.device:
             raise ValueError(f"Invalid lr: a tensor on {lr.device} with capturable=True and params on {param.device}; "
                              f"put lr on {param.device} (a graph cannot read a tensor on another device)")
 
