@@ -35,13 +35,19 @@ def test_capturable_must_be_a_bool():
         larsopt.LARS(_params(), lr=torch.tensor(0.1), capturable="yes")
 
 
-def test_cpu_params_are_refused_at_step():
-    params = _params()
-    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), capturable=True)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match=r"capturable: True for param #0 .* on cpu; CUDA graphs need CUDA params"):
-        optimizer.step()
+def _capturing(monkeypatch) -> None:
+    """Make the step believe a CUDA graph capture is underway (the checks are device-independent)."""
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+
+
+def test_eager_steps_need_no_gpu():
+    """capturable only matters while capturing: eager steps run anywhere (dynamo also sets it)."""
+    params, reference = _params(), _params()
+    for p, q in zip(params, reference):
+        p.grad = q.grad = torch.ones_like(p)
+    larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, capturable=True).step()
+    larsopt.LARS(reference, lr=0.1, momentum=0.9).step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
 
 
 def test_capture_without_capturable_raises(monkeypatch):
@@ -49,9 +55,12 @@ def test_capture_without_capturable_raises(monkeypatch):
     optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9)
     for p in params:
         p.grad = torch.ones_like(p)
-    monkeypatch.setattr(optim, "_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="captured in a CUDA graph, but capturable=False"):
+    optimizer.step()
+    _capturing(monkeypatch)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="captured in a CUDA graph, but param group 0 has capturable=False"):
         optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
 @pytest.mark.parametrize("multi_precision", [False, True])
@@ -62,12 +71,33 @@ def test_state_created_inside_a_capture_raises(monkeypatch, multi_precision):
                              capturable=True)
     for p in params:
         p.grad = torch.ones_like(p)
-    monkeypatch.setattr(optim, "_capturing", lambda: True)
-    monkeypatch.setattr(larsopt.LARS, "_check_capturable", lambda self, group, index: None)  # CPU stands in
+    _capturing(monkeypatch)
     name = "master_param" if multi_precision else "momentum_buffer"
-    with pytest.raises(RuntimeError, match=rf"{name} of param #0 .* created inside the CUDA graph.*warm-up"):
+    with pytest.raises(RuntimeError, match=rf"{name} of param #0 .* of group 0 would be created inside the CUDA "
+                                           r"graph.*warm-up"):
         optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(params, _params(dtype=params[0].dtype)))
+
+
+def test_cpu_params_are_refused_when_capturing(monkeypatch):
+    params = _params()
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # warm-up: the state exists
+    _capturing(monkeypatch)
+    with pytest.raises(ValueError, match=r"capturable: True for param #0 .* of group 0 on cpu; CUDA graphs need "
+                                         "CUDA params"):
+        optimizer.step()
+
+
+def test_python_lr_is_refused_when_capturing(monkeypatch):
+    """A Python lr set later (or by dynamo's own capturable flag) would be frozen in the graph."""
+    optimizer = larsopt.LARS(_params(), lr=torch.tensor(0.1), capturable=True)
+    optimizer.param_groups[0]["lr"] = 0.05
+    _capturing(monkeypatch)
+    with pytest.raises(ValueError, match=r"Invalid lr: 0\.05 in param group 0 while a CUDA graph is captured"):
+        optimizer.step()
 
 
 def _saved_state(lr: float, fill: float) -> dict:
@@ -91,6 +121,71 @@ def test_load_state_dict_keeps_the_lr_tensor_and_state_tensors():
     for p, buffer in zip(params, buffers):
         assert optimizer.state[p]["momentum_buffer"] is buffer
         assert torch.equal(buffer, torch.full_like(p, 2.0))
+
+
+def test_load_overwrites_state_in_place_across_dtypes():
+    """A bfloat16 buffer saved without masters goes into the float32 buffer a graph holds."""
+    params = _params(dtype=torch.bfloat16)
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    for p in params:
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in params]
+    source = larsopt.LARS(_params(dtype=torch.bfloat16), lr=0.3, momentum=0.9)
+    for p in source.param_groups[0]["params"]:
+        source.state[p]["momentum_buffer"] = torch.full_like(p, 1.5)
+    optimizer.load_state_dict(source.state_dict())
+    for p, buffer in zip(params, buffers):
+        assert optimizer.state[p]["momentum_buffer"] is buffer
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, torch.full_like(buffer, 1.5))
+
+
+def test_load_lacking_a_captured_state_tensor_raises():
+    params = _params()
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    optimizer.load_state_dict(_saved_state(0.25, 1.0))
+    saved = _saved_state(0.5, 2.0)
+    del saved["state"][1]
+    with pytest.raises(ValueError, match=r"param #1 .* of group 0 has \['momentum_buffer'\] here and not in the "
+                                         "saved state; with capturable=True"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["lr"].item() == 0.25
+    assert torch.equal(optimizer.state[params[1]]["momentum_buffer"], torch.full_like(params[1], 1.0))
+
+
+def _two_groups_sharing_one_lr(capturable: bool):
+    params = _params()
+    lr = torch.tensor(0.2)
+    optimizer = larsopt.LARS([{"params": params[:2]}, {"params": params[2:]}], lr=lr, capturable=capturable)
+    saved = larsopt.LARS([{"params": _params()[:2], "lr": 0.1}, {"params": _params()[2:], "lr": 0.01}])
+    return optimizer, lr, saved.state_dict()
+
+
+def test_groups_sharing_an_lr_tensor_keep_their_own_saved_lrs():
+    optimizer, lr, saved = _two_groups_sharing_one_lr(capturable=False)
+    optimizer.load_state_dict(saved)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    assert all(isinstance(value, torch.Tensor) for value in lrs)
+    assert [value.item() for value in lrs] == pytest.approx([0.1, 0.01])
+    assert lr.item() == pytest.approx(0.2)  # the shared tensor is not changed behind the groups' backs
+
+
+def test_capturable_groups_sharing_an_lr_tensor_refuse_different_saved_lrs():
+    optimizer, lr, saved = _two_groups_sharing_one_lr(capturable=True)
+    with pytest.raises(ValueError, match=r"param group 0 shares its lr tensor .* different lrs \[0\.01, 0\.1\]"):
+        optimizer.load_state_dict(saved)
+    assert all(group["lr"] is lr for group in optimizer.param_groups) and lr.item() == pytest.approx(0.2)
+
+
+def test_optimizer_pickled_before_capturable_existed():
+    optimizer = larsopt.LARS(_params()[:2], lr=0.1)
+    state = optimizer.__getstate__()
+    del state["defaults"]["capturable"]
+    for group in state["param_groups"]:
+        del group["capturable"]
+    restored = larsopt.LARS.__new__(larsopt.LARS)
+    restored.__setstate__(state)
+    restored.add_param_group({"params": _params()[2:]})
+    assert [group["capturable"] for group in restored.param_groups] == [False, False]
 
 
 def test_state_saved_before_capturable_existed_loads():

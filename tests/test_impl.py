@@ -43,7 +43,7 @@ def _inputs(dtype: torch.dtype, seed: int = 0, shapes: list[tuple[int, ...]] = S
     generator = torch.Generator().manual_seed(seed)
     weights = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
     grads = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
-    if shapes is SHAPES:
+    if shapes[:len(SHAPES)] == SHAPES:
         weights[ZERO_WEIGHT].zero_()
         grads[ZERO_GRAD].zero_()
     buffers = [(0.1 * torch.randn(shape, generator=generator)).to(dtype) for shape in shapes]
@@ -290,12 +290,13 @@ def test_no_recompile_when_lr_changes(impl):
     def step(lr: torch.Tensor) -> None:
         F.lars(params, grads, buffers, lr=lr, momentum=0.9, weight_decay=1e-4, trust_clip=True, impl=impl)
 
-    for value in (0.1, 0.05, 0.025, 0.0125, 0.3):
-        lr.fill_(value)
-        step(lr)
-    frames = torch._dynamo.utils.counters["frames"]
-    assert frames["ok"] >= 1
-    assert torch._dynamo.utils.counters["recompiles"] == {} or sum(torch._dynamo.utils.counters["recompiles"].values()) == 0
+    step(lr)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for value in (0.05, 0.025, 0.0125, 0.3):
+            lr.fill_(value)
+            step(lr)
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"]
     torch._dynamo.reset()
 
 
@@ -319,17 +320,19 @@ def test_compiled_optimizer_step(impl):
         model, optimizer, lr = make()
         step = torch.compile(optimizer.step, fullgraph=True) if compiled else optimizer.step
         generator = torch.Generator().manual_seed(1)
-        for k in range(4):
+        for k in range(5):
             model(torch.randn(8, 6, generator=generator)).square().mean().backward()
             lr.fill_(0.1 / (k + 1))
-            step()
+            if k < 2:  # the first step creates the momentum buffers: the second one compiles again
+                step()
+            else:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    step()
             optimizer.zero_grad()
         runs.append([p.detach().clone() for p in model.parameters()])
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    counters = torch._dynamo.utils.counters
-    assert not counters["graph_break"]
-    assert sum(counters["recompiles"].values()) == 0
+    assert not torch._dynamo.utils.counters["graph_break"]
     torch._dynamo.reset()
 
 

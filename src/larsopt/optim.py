@@ -121,11 +121,11 @@ class LARS(Optimizer):
             unbiased stochastic rounding (drawn from ``generator`` when given).
         generator: ``torch.Generator`` for stochastic rounding (not saved in ``state_dict``).
         capturable: the step will be captured in a CUDA graph (``torch.cuda.graph``). Needs ``lr``
-            as a 0-d tensor on the params' device (change it in place between replays; LR
-            schedulers do) and params on a CUDA device. State is created by eager warm-up steps
-            before the capture (creating it inside a graph raises), and ``load_state_dict`` copies
-            into the existing state tensors, so a graph captured earlier keeps working.
-            Without it, capturing the step raises.
+            as a 0-d tensor, on the params' device when the graph is captured (change it in place
+            between replays; LR schedulers do), and CUDA params. State is created by eager
+            warm-up steps before the capture (a capture that would create it raises), and
+            ``load_state_dict`` copies into the existing lr and state tensors, so a graph
+            captured earlier keeps working. Without it, capturing the step raises.
 
     Without ``multi_precision``, float16/bfloat16 params are updated in float32 and rounded
     once; an update below half an ulp of the weight is lost (as in MXNet without
@@ -193,7 +193,8 @@ class LARS(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # pickled before the option existed
+        self.defaults.setdefault("capturable", False)  # pickled before the option existed
+        for group in self.param_groups:
             group.setdefault("capturable", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -246,14 +247,9 @@ class LARS(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        capturing = _capturing()
-        # Dynamo shows every group with capturable=True while it traces a step (torch's optimizers
-        # take their capturable path under torch.compile); the checks are for eager CUDA graphs.
-        check_capturable = not torch.compiler.is_compiling()
+        if _capturing():
+            self._check_capture()
         for group in self.param_groups:
-            if capturing and not group["capturable"]:
-                raise RuntimeError("LARS.step is being captured in a CUDA graph, but capturable=False; build "
-                                   "LARS(..., capturable=True) with lr as a 0-d tensor on the params' device")
             params, grads, buffers, masters = [], [], [], []
             use_momentum = group["momentum"] != 0
             multi_precision, lazy_update = group["multi_precision"], group["lazy_update"]
@@ -266,15 +262,12 @@ class LARS(Optimizer):
                                        f"{self._param_label(group, index)}; lazy_update needs row-sparse gradients "
                                        "(sparse_dim == 1, as nn.Embedding(sparse=True) makes); set lazy_update=False "
                                        "for a dense update")
-                if group["capturable"] and check_capturable:
-                    self._check_capturable(group, index)
                 wants_master = multi_precision and param.dtype in _LOW_PRECISION
                 state = self.state[param] if use_momentum or wants_master or param in self.state else {}
                 master = None
                 if wants_master:
                     master = state.get("master_param")
                     if master is None:
-                        self._check_not_capturing(capturing, group, index, "master_param")
                         master = state["master_param"] = param.detach().to(torch.float32, copy=True)
                 elif "master_param" in state:
                     del state["master_param"]  # the param itself is current when masters are off
@@ -284,8 +277,6 @@ class LARS(Optimizer):
                 if use_momentum:
                     buffer_dtype = torch.float32 if master is not None else param.dtype
                     buf = state.get("momentum_buffer")
-                    if buf is None or buf.dtype != buffer_dtype:
-                        self._check_not_capturing(capturing, group, index, "momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = torch.zeros_like(
                             param, dtype=buffer_dtype, memory_format=torch.preserve_format)
@@ -322,23 +313,40 @@ class LARS(Optimizer):
             )
         return loss
 
-    def _check_capturable(self, group: dict[str, Any], index: int) -> None:
-        """capturable=True: the param is on a CUDA device and the lr tensor on the same one."""
-        param, lr = group["params"][index], group["lr"]
-        if param.device.type != "cuda":
-            raise ValueError(f"Invalid capturable: True for param {self._param_label(group, index)} on "
-                             f"{param.device}; CUDA graphs need CUDA params (set capturable=False on other devices)")
-        # (lr is a tensor unless dynamo set capturable itself, which it does for CUDA groups it traces)
-        if isinstance(lr, Tensor) and lr.device != param.device:
-            raise ValueError(f"Invalid lr: a tensor on {lr.device} with capturable=True and params on {param.device}; "
-                             f"put lr on {param.device} (a graph cannot read a tensor on another device)")
-
-    def _check_not_capturing(self, capturing: bool, group: dict[str, Any], index: int, name: str) -> None:
-        """State made inside a CUDA graph would be remade (zeroed, recopied) at every replay."""
-        if capturing:
-            raise RuntimeError(f"LARS: {name} of param {self._param_label(group, index)} would be created inside "
-                               "the CUDA graph being captured, and so reset at every replay; run eager warm-up "
-                               "steps before the capture (see torch.cuda.graphs)")
+    def _check_capture(self) -> None:
+        """A CUDA graph is being captured: refuse, before any group steps, what a replay would get
+        wrong. (Only then: eager steps of a capturable optimizer need nothing, and dynamo marks the
+        groups it traces as capturable by itself.)"""
+        for number, group in enumerate(self.param_groups):
+            if not group["capturable"]:
+                raise RuntimeError(f"LARS.step is being captured in a CUDA graph, but param group {number} has "
+                                   "capturable=False; build LARS(..., capturable=True) with lr as a 0-d tensor on "
+                                   "the params' device")
+            lr = group["lr"]
+            if not isinstance(lr, Tensor):
+                raise ValueError(f"Invalid lr: {lr!r} in param group {number} while a CUDA graph is captured; the "
+                                 "graph would keep it at its captured value: pass lr as a 0-d tensor on the params' "
+                                 "device")
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                label = f"param {self._param_label(group, index)} of group {number}"
+                state = self.state.get(param, {})
+                master = group["multi_precision"] and param.dtype in _LOW_PRECISION
+                needed = {"master_param": torch.float32} if master else {}
+                if group["momentum"] != 0:
+                    needed["momentum_buffer"] = torch.float32 if master else param.dtype
+                for name, dtype in needed.items():
+                    if name not in state or state[name].dtype != dtype:
+                        raise RuntimeError(f"LARS: {name} of {label} would be created inside the CUDA graph "
+                                           "being captured, and so reset at every replay; run eager warm-up "
+                                           "steps before the capture (see torch.cuda.graphs)")
+                if param.device.type != "cuda":
+                    raise ValueError(f"Invalid capturable: True for {label} on {param.device}; CUDA graphs need "
+                                     "CUDA params")
+                if lr.device != param.device:
+                    raise ValueError(f"Invalid lr: a tensor on {lr.device} for {label} on {param.device}; a CUDA "
+                                     f"graph cannot read a tensor on another device: put lr on {param.device}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`. A state that does not fit this optimizer
@@ -347,9 +355,11 @@ class LARS(Optimizer):
         Hyper-parameters come from the saved state, except ``multi_precision``, ``impl`` and
         ``capturable``, which stay as this optimizer was built. A tensor ``lr`` stays this
         optimizer's tensor (same object and device) and takes the saved value, so a compiled or
-        captured step keeps reading it; with ``capturable`` the state tensors that exist are
-        overwritten in place for the same reason. Masters missing from the state (e.g. saved
-        without ``multi_precision``) are rebuilt from the params at the next step."""
+        captured step keeps reading it (groups sharing one lr tensor with different saved values
+        get a tensor each, except with ``capturable``, which raises). With ``capturable`` the
+        state tensors that exist are overwritten in place for the same reason, and a saved state
+        that lacks one of them raises. Masters missing from the state (e.g. saved without
+        ``multi_precision``) are rebuilt from the params at the next step."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups' "
                              "(as returned by LARS.state_dict())")
@@ -386,21 +396,16 @@ class LARS(Optimizer):
                 if value.shape != param.shape:
                     raise ValueError(f"Invalid state_dict: {name} of param id {key!r} has shape "
                                      f"{tuple(value.shape)}, the param has shape {tuple(param.shape)}")
+        own_lrs = self._own_lr_tensors(saved_groups)
+        captured_state = self._captured_state(state_dict["state"], params_by_id)
         # How this optimizer stores and computes (masters, implementation) is its own choice, not
         # a training hyper-parameter: keep it rather than taking the saved one.
         own = [{key: group[key] for key in _OWN_SETTINGS} for group in self.param_groups]
-        own_lrs = [group["lr"] if isinstance(group["lr"], Tensor) else None for group in self.param_groups]
-        captured_state = {param: dict(self.state[param]) for group in self.param_groups if group["capturable"]
-                          for param in group["params"] if param in self.state}
         super().load_state_dict(state_dict)
         for group, settings, lr in zip(self.param_groups, own, own_lrs):
             group.update(settings)
             if lr is not None:
-                if isinstance(group["lr"], Tensor):
-                    lr.copy_(group["lr"])
-                else:
-                    lr.fill_(group["lr"])
-                group["lr"] = lr
+                group["lr"] = lr.fill_(float(group["lr"]))
         # torch casts every floating state tensor to the param's dtype; masters and their
         # momentum stay float32.
         for key, param_state in state_dict["state"].items():
@@ -409,7 +414,46 @@ class LARS(Optimizer):
                 if isinstance(value, Tensor) and value.dtype == torch.float32 and param.dtype in _LOW_PRECISION:
                     self.state[param][name] = value.to(device=param.device, copy=True)
         for param, previous in captured_state.items():
-            for name, value in self.state[param].items():
-                old = previous.get(name)
-                if old is not None and (old.shape, old.dtype, old.device) == (value.shape, value.dtype, value.device):
-                    self.state[param][name] = old.copy_(value)
+            for name, old in previous.items():
+                self.state[param][name] = old.copy_(self.state[param][name])
+
+    def _own_lr_tensors(self, saved_groups: list[dict[str, Any]]) -> list[Tensor | None]:
+        """Per group, the lr tensor that takes the saved value (``None`` for a Python lr): this
+        optimizer's own, or a new one on its device where groups sharing it were saved with
+        different values (what a captured graph could not follow, so capturable raises)."""
+        values: dict[int, set[float]] = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            if isinstance(group["lr"], Tensor):
+                values.setdefault(id(group["lr"]), set()).add(float(saved["lr"]))
+        tensors: list[Tensor | None] = []
+        for number, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and len(values[id(lr)]) > 1:
+                if group["capturable"]:
+                    raise ValueError(f"Invalid state_dict: param group {number} shares its lr tensor with other "
+                                     f"groups, saved with different lrs {sorted(values[id(lr)])}; a captured graph "
+                                     "reads one tensor for them: give each group its own lr tensor")
+                lr = lr.clone()
+            tensors.append(lr if isinstance(lr, Tensor) else None)
+        return tensors
+
+    def _captured_state(self, saved_state: dict[Any, dict[str, Any]],
+                        params_by_id: dict[Any, Tensor]) -> dict[Tensor, dict[str, Tensor]]:
+        """The state tensors of capturable groups, which the load overwrites in place; raises if
+        the saved state lacks one (a captured graph would go on using the old tensor)."""
+        saved_by_param = {params_by_id[key]: param_state for key, param_state in saved_state.items()}
+        captured: dict[Tensor, dict[str, Tensor]] = {}
+        for number, group in enumerate(self.param_groups):
+            if not group["capturable"]:
+                continue
+            for index, param in enumerate(group["params"]):
+                if param not in self.state:
+                    continue
+                missing = sorted(set(self.state[param]) - set(saved_by_param.get(param, {})))
+                if missing:
+                    raise ValueError(f"Invalid state_dict: param {self._param_label(group, index)} of group {number} "
+                                     f"has {missing} here and not in the saved state; with capturable=True a "
+                                     "captured graph would keep using the old tensors: build a new optimizer to "
+                                     "load it, and capture again")
+                captured[param] = dict(self.state[param])
+        return captured

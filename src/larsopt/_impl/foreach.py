@@ -41,6 +41,13 @@ def group_by_device_and_dtype(indices: Sequence[int], params: Sequence[Tensor]) 
     return list(groups.values())
 
 
+def _to_accelerator(device: torch.device) -> bool:
+    """Copies of lr/grad_scale/found_inf onto ``device`` may be asynchronous (no host sync): the
+    stream orders them before their use. A copy to the CPU must block, or the CPU ops that follow
+    would read it before it arrives."""
+    return device.type != "cpu"
+
+
 def _trust_ratios(
     weights: list[Tensor],
     grads: list[Tensor],
@@ -118,7 +125,8 @@ def _group_step(
     if maximize:
         grad, owned = torch._foreach_neg(grad), True
     if grad_scale is not None:
-        grad = torch._foreach_div(grad, grad_scale.to(device=device, dtype=dtype, non_blocking=True))
+        grad = torch._foreach_div(grad, grad_scale.to(device=device, dtype=dtype,
+                                                          non_blocking=_to_accelerator(device)))
         owned = True
     if rescale_grad != 1.0:
         grad = torch._foreach_mul(grad, rescale_grad)
@@ -142,7 +150,7 @@ def _group_step(
             update = torch._foreach_add(update, weights, alpha=weight_decay)
             owned = True
 
-    skip = found_inf.to(device, non_blocking=True) > 0 if found_inf is not None else None
+    skip = found_inf.to(device, non_blocking=_to_accelerator(device)) > 0 if found_inf is not None else None
     old_weights = [w.clone() for w in weights] if skip is not None else None
     old_buffers = None
     if momentum == 0:
@@ -204,8 +212,8 @@ def lars_step(
     """Step tensors that :func:`covers` accepted, grouped by device and dtype. ``hyper`` holds the
     remaining keyword arguments of :func:`larsopt.functional.lars` this path uses."""
     for group in group_by_device_and_dtype(range(len(params)), params):
-        # non_blocking: a CPU lr for CUDA params is copied without synchronising the host
-        group_lr = lr.to(params[group[0]].device, non_blocking=True) if isinstance(lr, Tensor) else lr
+        device = params[group[0]].device
+        group_lr = lr.to(device, non_blocking=_to_accelerator(device)) if isinstance(lr, Tensor) else lr
         _group_step(
             [params[i] for i in group],
             [grads[i] for i in group],
