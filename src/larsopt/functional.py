@@ -33,7 +33,8 @@ does not cover is handed on, in the same call, fused -> foreach -> reference):
 
 * ``"reference"``: one tensor at a time, plain torch ops; covers every option.
 * ``"foreach"``: ``torch._foreach_*`` ops per (device, dtype) group, trust ratios of a group as one
-  vector. Covers dense gradients without master copy, ``math_dtype`` or bf16 stochastic rounding.
+  vector. Covers dense gradients, master copies included, without ``math_dtype`` or bf16
+  stochastic rounding.
 * ``"fused"``: on CPU, one native call per dtype for the whole step (a C++ kernel built on first
   use and cached on disk); on other devices, or without a C++ compiler, ``"foreach"``. Covers
   dense float32/float64/bfloat16 CPU tensors whose param, grad and buffer share one dense layout,
@@ -71,14 +72,15 @@ def _foreach_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTen
         i for i, (p, g, m) in enumerate(zip(params, grads, master_params))
         if foreach.covers(p, g, m, math_dtype=options["math_dtype"], stochastic_rounding=options["stochastic_rounding"])
     ]
-    _run_foreach(covered, params, grads, momentum_buffers, options)
+    _run_foreach(covered, params, grads, momentum_buffers, master_params, options)
     _run_reference(_others(covered, len(params)), params, grads, momentum_buffers, master_params, options)
 
 
 def _fused_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors, master_params: _MaybeTensors,
                 **options: Any) -> None:
     """``"fused"``: the CPU kernel for the tensors it covers (one call per dtype), foreach for
-    other covered tensors (other devices, or no C++ compiler here), the reference for the rest."""
+    the others it covers (master copies, other devices, no C++ compiler here), the reference for
+    the rest."""
     rest = fused_cpu.step(params, grads, momentum_buffers, master_params,
                           **{name: options[name] for name in _FUSED_OPTIONS})
     covered = [
@@ -86,7 +88,7 @@ def _fused_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTenso
         if foreach.covers(params[i], grads[i], master_params[i], math_dtype=options["math_dtype"],
                           stochastic_rounding=options["stochastic_rounding"])
     ]
-    _run_foreach(covered, params, grads, momentum_buffers, options)
+    _run_foreach(covered, params, grads, momentum_buffers, master_params, options)
     taken = set(covered)
     _run_reference([i for i in rest if i not in taken], params, grads, momentum_buffers, master_params, options)
 
@@ -96,7 +98,7 @@ _FUSED_OPTIONS = (
     "trust_clip", "rescale_grad", "clip_gradient", "maximize", "grad_scale", "found_inf", "math_dtype",
     "stochastic_rounding",
 )
-_REFERENCE_ONLY_OPTIONS = ("norm_source", "math_dtype", "lazy_update", "stochastic_rounding", "generator")
+_REFERENCE_ONLY_OPTIONS = ("math_dtype", "lazy_update", "stochastic_rounding", "generator")
 
 
 def _others(indices: list[int], count: int) -> list[int]:
@@ -106,12 +108,13 @@ def _others(indices: list[int], count: int) -> list[int]:
 
 
 def _run_foreach(indices: list[int], params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors,
-                 options: dict[str, Any]) -> None:
+                 master_params: _MaybeTensors, options: dict[str, Any]) -> None:
     if indices:
         foreach.lars_step(
             [params[i] for i in indices],
             [grads[i] for i in indices],
             [momentum_buffers[i] for i in indices],
+            [master_params[i] for i in indices],
             **{name: value for name, value in options.items() if name not in _REFERENCE_ONLY_OPTIONS},
         )
 

@@ -10,8 +10,9 @@ group, with the trust ratios of a whole group computed as one vector.
   with fused foreach kernels (CUDA). On CPU the foreach ops run tensor by tensor and each one
   streams the whole group through memory, which is why ``auto`` prefers the fused kernel there.
 
-Covers dense tensors without a master copy, ``math_dtype`` or stochastic rounding (see
-:func:`covers`); the caller sends the others to the reference.
+Covers dense tensors, with or without a master copy, except ``math_dtype`` and bfloat16 params
+without a master under stochastic rounding (see :func:`covers`); the caller sends the others to
+the reference.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ from larsopt._impl.reference import compute_dtype
 def covers(param: Tensor, grad: Tensor, master: Tensor | None, *, math_dtype: torch.dtype | None,
            stochastic_rounding: bool) -> bool:
     """Whether this path computes this tensor's step like the reference."""
-    if master is not None or math_dtype is not None or grad.is_sparse:
+    if math_dtype is not None or grad.is_sparse:
         return False
-    return not (stochastic_rounding and param.dtype == torch.bfloat16)
+    # (a param with a master copy is written back by plain rounding, stochastic_rounding or not)
+    return master is not None or not (stochastic_rounding and param.dtype == torch.bfloat16)
 
 
-def group_by_device_and_dtype(indices: Sequence[int], params: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of ``params`` grouped by (device, dtype), in first-seen order."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i in indices:
-        groups[(params[i].device, params[i].dtype)].append(i)
+def group_by_device_and_dtype(params: Sequence[Tensor], masters: Sequence[Tensor | None]) -> list[list[int]]:
+    """Indices of ``params`` grouped by device, dtype and master dtype (or none), in first-seen order."""
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[int]] = defaultdict(list)
+    for i, (param, master) in enumerate(zip(params, masters)):
+        groups[(param.device, param.dtype, None if master is None else master.dtype)].append(i)
     return list(groups.values())
 
 
@@ -51,6 +53,7 @@ def _to_accelerator(device: torch.device) -> bool:
 def _trust_ratios(
     weights: list[Tensor],
     grads: list[Tensor],
+    norm_weights: list[Tensor] | None,
     *,
     lr: float | Tensor,
     weight_decay: float,
@@ -59,8 +62,12 @@ def _trust_ratios(
     trust_norm: str,
     trust_clip: bool,
 ) -> Tensor:
-    """lam of every tensor as one vector (reference.trust_ratio and clip_trust_ratio, batched)."""
-    w_norm = torch.stack(torch._foreach_norm(weights))
+    """lam of every tensor as one vector (reference.trust_ratio and clip_trust_ratio, batched).
+    |w| is taken from ``norm_weights`` when given (norm_source="param": the params as stored)."""
+    if norm_weights is None:
+        w_norm = torch.stack(torch._foreach_norm(weights))
+    else:
+        w_norm = torch.stack(torch._foreach_norm(norm_weights, 2, dtype=weights[0].dtype))
     g_norm = torch.stack(torch._foreach_norm(grads))
     valid = (w_norm > 0) & (g_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(g_norm)
     if trust_norm == "sum":
@@ -96,6 +103,7 @@ def _group_step(
     params: list[Tensor],
     grads: list[Tensor],
     buffers: list[Tensor | None],
+    masters: list[Tensor] | None,
     *,
     lr: float | Tensor,
     weight_decay: float,
@@ -110,18 +118,21 @@ def _group_step(
     rescale_grad: float,
     clip_gradient: float | None,
     maximize: bool,
+    norm_source: str,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One step for tensors of one device and dtype."""
-    dtype = compute_dtype(params[0].dtype)
+    """One step for tensors of one device, dtype and master dtype. With ``masters`` the update is
+    computed on them and the params get the result rounded, as in the reference."""
+    targets = params if masters is None else masters
+    dtype = compute_dtype(targets[0].dtype)
     device = params[0].device
-    upcast = params[0].dtype != dtype
-    weights = [p.to(dtype) for p in params] if upcast else params
+    upcast = targets[0].dtype != dtype
+    weights = [t.to(dtype) for t in targets] if upcast else targets
 
     # The rescaled gradient; the first op that changes it copies, so p.grad is never written.
-    grad = [g.to(dtype) for g in grads] if upcast else list(grads)
-    owned = upcast
+    owned = grads[0].dtype != dtype
+    grad = [g.to(dtype) for g in grads] if owned else list(grads)
     if maximize:
         grad, owned = torch._foreach_neg(grad), True
     if grad_scale is not None:
@@ -133,8 +144,9 @@ def _group_step(
         owned = True
 
     if adapt:
-        lam = _trust_ratios(weights, grad, lr=lr, weight_decay=weight_decay, eta=eta, epsilon=epsilon,
-                            trust_norm=trust_norm, trust_clip=trust_clip)
+        norm_weights = params if masters is not None and norm_source == "param" else None
+        lam = _trust_ratios(weights, grad, norm_weights, lr=lr, weight_decay=weight_decay, eta=eta,
+                            epsilon=epsilon, trust_norm=trust_norm, trust_clip=trust_clip)
     else:
         lam = torch.ones(len(params), dtype=dtype, device=device)
 
@@ -160,7 +172,8 @@ def _group_step(
         new_weights = _subtracted(weights, steps, in_place=not upcast)
         new_buffers = None
     else:
-        new_buffers = [b.to(dtype) for b in buffers] if upcast else buffers
+        buffers_upcast = buffers[0].dtype != dtype
+        new_buffers = [b.to(dtype) for b in buffers] if buffers_upcast else buffers
         if skip is not None:
             old_buffers = [b.clone() for b in new_buffers]
         torch._foreach_mul_(new_buffers, momentum)
@@ -191,33 +204,35 @@ def _group_step(
         new_weights = [torch.where(skip, old, new) for old, new in zip(old_weights, new_weights)]
         if new_buffers is not None:
             new_buffers = [torch.where(skip, old, new) for old, new in zip(old_buffers, new_buffers)]
+    if new_weights is not targets:
+        torch._foreach_copy_(targets, new_weights)
+    if masters is not None:
         torch._foreach_copy_(params, new_weights)
-        if new_buffers is not None:
-            torch._foreach_copy_(buffers, new_buffers)
-    elif upcast:
-        torch._foreach_copy_(params, new_weights)
-        if new_buffers is not None:
-            torch._foreach_copy_(buffers, new_buffers)
+    if new_buffers is not None and new_buffers is not buffers:
+        torch._foreach_copy_(buffers, new_buffers)
 
 
 def lars_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
+    master_params: Sequence[Tensor | None],
     *,
     lr: float | Tensor,
     momentum: float,
     **hyper: object,
 ) -> None:
-    """Step tensors that :func:`covers` accepted, grouped by device and dtype. ``hyper`` holds the
-    remaining keyword arguments of :func:`larsopt.functional.lars` this path uses."""
-    for group in group_by_device_and_dtype(range(len(params)), params):
+    """Step tensors that :func:`covers` accepted, grouped by device, dtype and master dtype.
+    ``hyper`` holds the remaining keyword arguments of :func:`larsopt.functional.lars` this path
+    uses."""
+    for group in group_by_device_and_dtype(params, master_params):
         device = params[group[0]].device
         group_lr = lr.to(device, non_blocking=_to_accelerator(device)) if isinstance(lr, Tensor) else lr
         _group_step(
             [params[i] for i in group],
             [grads[i] for i in group],
             [momentum_buffers[i] for i in group],
+            None if master_params[group[0]] is None else [master_params[i] for i in group],
             lr=group_lr,
             momentum=momentum,
             **hyper,
