@@ -375,15 +375,22 @@ def test_benchmark_shapes():
 
 
 @pytest.mark.slow
-def test_kernel_cold_build_within_budget(tmp_path):
-    """A first step with an empty kernel cache (build included) takes well under 10 s."""
-    code = ("import time, torch, larsopt; p = [torch.nn.Parameter(torch.randn(64, 64))]; p[0].grad = torch.randn(64, 64);"
-            "o = larsopt.LARS(p, momentum=0.9); t = time.perf_counter(); o.step(); print(time.perf_counter() - t)")
-    start = time.perf_counter()
-    output = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
-                            check=True, capture_output=True, text=True).stdout
-    assert float(output) < 10.0, output
-    assert any(tmp_path.joinpath("larsopt").glob("*.so")), time.perf_counter() - start
+def test_first_step_within_budget(tmp_path):
+    """ResNet-50 shapes, impl="auto": the first step of a new process takes at most 10 s with an
+    empty kernel cache (the build included) and at most 3 s with the cache on disk."""
+    code = ("import time, torch, larsopt; from larsopt import bench\n"
+            "params = [torch.nn.Parameter(torch.randn(shape)) for shape in bench.resnet50_shapes()]\n"
+            "for p in params: p.grad = torch.randn_like(p)\n"
+            "optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, weight_decay=5e-5)\n"
+            "start = time.perf_counter(); optimizer.step(); print(time.perf_counter() - start)")
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    seconds = []
+    for _ in ("cold", "warm"):
+        output = subprocess.run([sys.executable, "-c", code], env=environment, check=True, capture_output=True,
+                                text=True).stdout
+        seconds.append(float(output))
+    assert any(tmp_path.joinpath("larsopt").glob("*.so"))
+    assert seconds[0] < 10.0 and seconds[1] < 3.0, seconds
 
 
 @pytest.mark.slow
