@@ -108,12 +108,18 @@ def _saved_state(lr: float, fill: float) -> dict:
     return optimizer.state_dict()
 
 
+def _as_after_a_capture(optimizer: larsopt.LARS) -> None:
+    """What a successful capture records (capturing needs CUDA)."""
+    optimizer._graph_captured = True
+
+
 def test_load_state_dict_keeps_the_lr_tensor_and_state_tensors():
     """A graph captured before load_state_dict reads the same lr and buffer tensors afterwards."""
     params = _params()
     lr = torch.tensor(0.1)
     optimizer = larsopt.LARS(params, lr=lr, momentum=0.9, capturable=True)
     optimizer.load_state_dict(_saved_state(0.25, 1.0))
+    _as_after_a_capture(optimizer)
     buffers = [optimizer.state[p]["momentum_buffer"] for p in params]
     optimizer.load_state_dict(_saved_state(0.5, 2.0))
     assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.5
@@ -130,6 +136,7 @@ def test_load_overwrites_state_in_place_across_dtypes():
     for p in params:
         optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
     buffers = [optimizer.state[p]["momentum_buffer"] for p in params]
+    _as_after_a_capture(optimizer)
     source = larsopt.LARS(_params(dtype=torch.bfloat16), lr=0.3, momentum=0.9)
     for p in source.param_groups[0]["params"]:
         source.state[p]["momentum_buffer"] = torch.full_like(p, 1.5)
@@ -145,6 +152,10 @@ def test_load_lacking_a_captured_state_tensor_raises():
     optimizer.load_state_dict(_saved_state(0.25, 1.0))
     saved = _saved_state(0.5, 2.0)
     del saved["state"][1]
+    fresh = larsopt.LARS(_params(), lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    fresh.load_state_dict(_saved_state(0.25, 1.0))
+    fresh.load_state_dict(saved)  # no graph captured yet: nothing to keep
+    _as_after_a_capture(optimizer)
     with pytest.raises(ValueError, match=r"param #1 .* of group 0 has \['momentum_buffer'\] here and not in the "
                                          "saved state; with capturable=True"):
         optimizer.load_state_dict(saved)
@@ -169,11 +180,39 @@ def test_groups_sharing_an_lr_tensor_keep_their_own_saved_lrs():
     assert lr.item() == pytest.approx(0.2)  # the shared tensor is not changed behind the groups' backs
 
 
-def test_capturable_groups_sharing_an_lr_tensor_refuse_different_saved_lrs():
+def test_captured_groups_sharing_an_lr_tensor_refuse_different_saved_lrs():
     optimizer, lr, saved = _two_groups_sharing_one_lr(capturable=True)
+    _as_after_a_capture(optimizer)
     with pytest.raises(ValueError, match=r"param group 0 shares its lr tensor .* different lrs \[0\.01, 0\.1\]"):
         optimizer.load_state_dict(saved)
     assert all(group["lr"] is lr for group in optimizer.param_groups) and lr.item() == pytest.approx(0.2)
+
+
+def test_load_with_other_hyperparameters_after_a_capture_raises():
+    """The graph has momentum, weight decay... as numbers: a state saved with others cannot be followed."""
+    params = _params()
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    saved = larsopt.LARS(_params(), lr=0.1, momentum=0.5, weight_decay=0.3).state_dict()
+    before = larsopt.LARS(_params(), lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    before.load_state_dict(saved)  # no graph yet: loads
+    assert before.param_groups[0]["momentum"] == 0.5
+    _as_after_a_capture(optimizer)
+    with pytest.raises(ValueError, match=r"param group 0 was saved with momentum=0\.5, and this optimizer's captured "
+                                         r"CUDA graph uses momentum=0\.9"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_state_of_another_dtype_is_refused_when_capturing(monkeypatch):
+    params = _params()
+    optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), momentum=0.9, capturable=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float64)
+    _capturing(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"momentum_buffer of param #0 .* is torch\.float64 and the step needs "
+                                           r"torch\.float32; converting it inside the CUDA graph"):
+        optimizer.step()
 
 
 def test_optimizer_pickled_before_capturable_existed():
@@ -249,10 +288,12 @@ def test_cuda_graph_replay_matches_eager_steps(impl, multi_precision):
 
 
 @needs_cuda
-def test_cuda_lr_on_another_device_is_refused():
+def test_cuda_lr_on_another_device_is_refused_when_capturing(monkeypatch):
     params = _params("cuda")
     optimizer = larsopt.LARS(params, lr=torch.tensor(0.1), capturable=True)
     for p in params:
         p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match=r"Invalid lr: a tensor on cpu with capturable=True"):
+    optimizer.step()  # eagerly, a CPU lr is fine
+    _capturing(monkeypatch)
+    with pytest.raises(ValueError, match=r"Invalid lr: a tensor on cpu for param #0 .* a CUDA graph cannot read"):
         optimizer.step()

@@ -104,13 +104,55 @@ def test_master_copies_match_reference(dtype, norm_source):
                        impl=impl, **options)
             runs[impl, str(options)] = (current, masters, bufs)
     for (impl, label), (current, masters, bufs) in runs.items():
-        want_params, want_masters, want_bufs = runs["reference", label]
+        _, want_masters, want_bufs = runs["reference", label]
         for i, (got, want, start) in enumerate(zip(masters, want_masters, weights)):
             assert _relative(got, want, start) <= 1e-6, f"{impl} {label}: master {i}"
             assert torch.equal(current[i], got.to(dtype)), f"{impl} {label}: param {i} is not its master rounded"
         for i, (got, want, start) in enumerate(zip(bufs, want_bufs, buffers)):
             if got is not None:
                 assert _relative(got, want, start) <= 1e-6, f"{impl} {label}: momentum {i}"
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("norm_source", ["master", "param"])
+@pytest.mark.parametrize("amp", ["none", "scale", "skip"])
+def test_master_copies_with_amp_and_mixed_dtypes(impl, norm_source, amp):
+    """One call with bf16 params + float32 masters (bf16 and float32 grads), float32 params +
+    float64 masters, float32 params without masters and grads of several dtypes, with and without
+    a GradScaler's scale and inf flag: the reference's numbers, grads untouched, a skipped step
+    leaves everything bit-identical."""
+    generator = torch.Generator().manual_seed(8)
+    shapes = [(6, 5), (7,), (4, 3), (5, 2), (9,), (3, 3)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    param_dtypes = [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.float32, torch.bfloat16]
+    master_dtypes = [torch.float32, torch.float32, torch.float64, None, None, torch.float32]
+    grad_dtypes = [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.float64, torch.float32]
+    scale = 1.0 if amp == "none" else 256.0
+    grads = [(scale * torch.randn(shape, generator=generator)).to(dtype) for shape, dtype in zip(shapes, grad_dtypes)]
+    grads_before = [g.clone() for g in grads]
+    scaler = {} if amp == "none" else dict(grad_scale=torch.tensor(scale), found_inf=torch.tensor(float(amp == "skip")))
+    runs = []
+    for name in ("reference", impl):
+        params = [w.to(dtype, copy=True) for w, dtype in zip(start, param_dtypes)]
+        masters = [None if dtype is None else w.to(dtype, copy=True) for w, dtype in zip(start, master_dtypes)]
+        buffers = [torch.zeros_like(w, dtype=m.dtype if m is not None else p.dtype)
+                   for w, p, m in zip(start, params, masters)]
+        for step in range(3):
+            F.lars(params, grads, buffers, master_params=masters, norm_source=norm_source, lr=torch.tensor(0.3),
+                   momentum=0.9, weight_decay=0.05, eta=0.5, trust_norm="update", impl=name, **scaler)
+        runs.append((params, masters, buffers))
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_before))
+    (want_params, want_masters, want_buffers), (params, masters, buffers) = runs
+    for i in range(len(shapes)):
+        if amp == "skip":
+            assert torch.equal(params[i], start[i].to(param_dtypes[i]))
+            assert torch.equal(buffers[i], torch.zeros_like(buffers[i]))
+            continue
+        target, want_target = (masters[i], want_masters[i]) if masters[i] is not None else (params[i], want_params[i])
+        assert _relative(target, want_target, start[i]) <= 1e-6, i
+        assert _relative(buffers[i], want_buffers[i], torch.zeros_like(buffers[i])) <= 1e-6, i
+        if masters[i] is not None:
+            assert torch.equal(params[i], masters[i].to(param_dtypes[i])), i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -159,7 +201,9 @@ def test_grad_scale_and_found_inf(impl, skip):
 
 
 def _mixed_case():
-    """Tensors the fast paths must hand to the reference, beside covered ones in the same call."""
+    """Tensors each fast path must hand on (the kernel: a float64 master and a non-contiguous
+    param; foreach and the kernel: a lazy sparse grad and bf16 stochastic rounding), beside
+    covered ones in the same call."""
     generator = torch.Generator().manual_seed(3)
     params = [torch.randn(8, 4, generator=generator) for _ in range(5)]
     params[2] = params[2].to(torch.bfloat16)
@@ -175,7 +219,7 @@ def _mixed_case():
 
 @pytest.mark.parametrize("impl", FAST_IMPLS + ("auto",))
 def test_uncovered_tensors_take_the_reference(impl):
-    """master copy, sparse grad, stochastic rounding (bf16) and a non-contiguous param in one call."""
+    """A float64 master, a sparse grad, stochastic rounding (bf16) and a non-contiguous param in one call."""
     results = []
     for name in ("reference", impl):
         params, grads, buffers, masters = _mixed_case()

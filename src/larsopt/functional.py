@@ -32,8 +32,8 @@ Implementations (``impl=``, all sync-free and giving the reference's numbers; a 
 does not cover is handed on, in the same call, fused -> foreach -> reference):
 
 * ``"reference"``: one tensor at a time, plain torch ops; covers every option.
-* ``"foreach"``: ``torch._foreach_*`` ops per (device, dtype) group, trust ratios of a group as one
-  vector. Covers dense gradients, master copies included, without ``math_dtype`` or bf16
+* ``"foreach"``: ``torch._foreach_*`` ops per group of tensors sharing a device and dtypes, trust
+  ratios of a group as one vector. Covers dense gradients, master copies included, without ``math_dtype`` or bf16
   stochastic rounding.
 * ``"fused"``: on CPU, one native call per dtype for the whole step (a C++ kernel built on first
   use and cached on disk); on other devices, or without a C++ compiler, ``"foreach"``. Covers

@@ -123,9 +123,10 @@ class LARS(Optimizer):
         capturable: the step will be captured in a CUDA graph (``torch.cuda.graph``). Needs ``lr``
             as a 0-d tensor, on the params' device when the graph is captured (change it in place
             between replays; LR schedulers do), and CUDA params. State is created by eager
-            warm-up steps before the capture (a capture that would create it raises), and
-            ``load_state_dict`` copies into the existing lr and state tensors, so a graph
-            captured earlier keeps working. Without it, capturing the step raises.
+            warm-up steps before the capture (a capture that would create it raises). After a
+            capture, ``load_state_dict`` copies into the existing lr and state tensors, so the
+            graph keeps working, and refuses a state with other hyper-parameters. Without it,
+            capturing the step raises.
 
     Without ``multi_precision``, float16/bfloat16 params are updated in float32 and rounded
     once; an update below half an ulp of the weight is lost (as in MXNet without
@@ -337,16 +338,22 @@ class LARS(Optimizer):
                 if group["momentum"] != 0:
                     needed["momentum_buffer"] = torch.float32 if master else param.dtype
                 for name, dtype in needed.items():
-                    if name not in state or state[name].dtype != dtype:
+                    if name not in state:
                         raise RuntimeError(f"LARS: {name} of {label} would be created inside the CUDA graph "
                                            "being captured, and so reset at every replay; run eager warm-up "
                                            "steps before the capture (see torch.cuda.graphs)")
+                    if state[name].dtype != dtype:
+                        raise RuntimeError(f"LARS: {name} of {label} is {state[name].dtype} and the step needs "
+                                           f"{dtype}; converting it inside the CUDA graph being captured would redo "
+                                           "it from the old tensor at every replay; run an eager step before the "
+                                           "capture")
                 if param.device.type != "cuda":
                     raise ValueError(f"Invalid capturable: True for {label} on {param.device}; CUDA graphs need "
                                      "CUDA params")
                 if lr.device != param.device:
                     raise ValueError(f"Invalid lr: a tensor on {lr.device} for {label} on {param.device}; a CUDA "
                                      f"graph cannot read a tensor on another device: put lr on {param.device}")
+        self._graph_captured = True  # load_state_dict now keeps what the graph reads and writes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`. A state that does not fit this optimizer
@@ -356,10 +363,14 @@ class LARS(Optimizer):
         ``capturable``, which stay as this optimizer was built. A tensor ``lr`` stays this
         optimizer's tensor (same object and device) and takes the saved value, so a compiled or
         captured step keeps reading it (groups sharing one lr tensor with different saved values
-        get a tensor each, except with ``capturable``, which raises). With ``capturable`` the
-        state tensors that exist are overwritten in place for the same reason, and a saved state
-        that lacks one of them raises. Masters missing from the state (e.g. saved without
-        ``multi_precision``) are rebuilt from the params at the next step."""
+        get a tensor each). Masters missing from the state (e.g. saved without
+        ``multi_precision``) are rebuilt from the params at the next step.
+
+        Once a step of this optimizer has been captured in a CUDA graph (``capturable``), the
+        graph holds the lr and state tensors and the other hyper-parameters as numbers: the
+        state is copied into the existing tensors, and a saved state that lacks one of them,
+        holds other hyper-parameters or per-group lrs for one shared lr tensor raises, leaving
+        the optimizer unchanged (build a new optimizer and capture again)."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups' "
                              "(as returned by LARS.state_dict())")
@@ -396,8 +407,11 @@ class LARS(Optimizer):
                 if value.shape != param.shape:
                     raise ValueError(f"Invalid state_dict: {name} of param id {key!r} has shape "
                                      f"{tuple(value.shape)}, the param has shape {tuple(param.shape)}")
-        own_lrs = self._own_lr_tensors(saved_groups)
-        captured_state = self._captured_state(state_dict["state"], params_by_id)
+        captured = getattr(self, "_graph_captured", False)
+        if captured:
+            self._check_captured_hyperparameters(saved_groups)
+        own_lrs = self._own_lr_tensors(saved_groups, captured)
+        captured_state = self._captured_state(state_dict["state"], params_by_id) if captured else {}
         # How this optimizer stores and computes (masters, implementation) is its own choice, not
         # a training hyper-parameter: keep it rather than taking the saved one.
         own = [{key: group[key] for key in _OWN_SETTINGS} for group in self.param_groups]
@@ -417,10 +431,22 @@ class LARS(Optimizer):
             for name, old in previous.items():
                 self.state[param][name] = old.copy_(self.state[param][name])
 
-    def _own_lr_tensors(self, saved_groups: list[dict[str, Any]]) -> list[Tensor | None]:
+    def _check_captured_hyperparameters(self, saved_groups: list[dict[str, Any]]) -> None:
+        """A captured graph keeps the hyper-parameters (but lr) it was captured with."""
+        fixed = set(self.defaults) - {"lr", "differentiable", *_OWN_SETTINGS}
+        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not group["capturable"]:
+                continue
+            for name in sorted(fixed):
+                if saved.get(name, group[name]) != group[name]:
+                    raise ValueError(f"Invalid state_dict: param group {number} was saved with {name}="
+                                     f"{saved[name]!r}, and this optimizer's captured CUDA graph uses {name}="
+                                     f"{group[name]!r}; build a new optimizer to load it, and capture again")
+
+    def _own_lr_tensors(self, saved_groups: list[dict[str, Any]], captured: bool) -> list[Tensor | None]:
         """Per group, the lr tensor that takes the saved value (``None`` for a Python lr): this
         optimizer's own, or a new one on its device where groups sharing it were saved with
-        different values (what a captured graph could not follow, so capturable raises)."""
+        different values (what a captured graph could not follow: raises then)."""
         values: dict[int, set[float]] = {}
         for saved, group in zip(saved_groups, self.param_groups):
             if isinstance(group["lr"], Tensor):
@@ -429,7 +455,7 @@ class LARS(Optimizer):
         for number, group in enumerate(self.param_groups):
             lr = group["lr"]
             if isinstance(lr, Tensor) and len(values[id(lr)]) > 1:
-                if group["capturable"]:
+                if captured and group["capturable"]:
                     raise ValueError(f"Invalid state_dict: param group {number} shares its lr tensor with other "
                                      f"groups, saved with different lrs {sorted(values[id(lr)])}; a captured graph "
                                      "reads one tensor for them: give each group its own lr tensor")
@@ -439,8 +465,8 @@ class LARS(Optimizer):
 
     def _captured_state(self, saved_state: dict[Any, dict[str, Any]],
                         params_by_id: dict[Any, Tensor]) -> dict[Tensor, dict[str, Tensor]]:
-        """The state tensors of capturable groups, which the load overwrites in place; raises if
-        the saved state lacks one (a captured graph would go on using the old tensor)."""
+        """The state tensors of capturable groups, which the load overwrites in place after a
+        capture; raises if the saved state lacks one (the graph would go on using the old tensor)."""
         saved_by_param = {params_by_id[key]: param_state for key, param_state in saved_state.items()}
         captured: dict[Tensor, dict[str, Tensor]] = {}
         for number, group in enumerate(self.param_groups):

@@ -1,14 +1,15 @@
-"""The multi-tensor path: the reference's math as ``torch._foreach_*`` ops over each (device, dtype)
-group, with the trust ratios of a whole group computed as one vector.
+"""The multi-tensor path: the reference's math as ``torch._foreach_*`` ops over each group of
+tensors sharing a device and dtypes, with the trust ratios of a whole group computed as one vector.
 
 * |w|, |g| (and |g + wd * w| for ``trust_norm="update"``) of every tensor come from
   ``torch._foreach_norm`` calls stacked into vectors; lam for all tensors is one ``torch.where``.
 * No tensor is converted to a Python number (no ``.item()``, ``bool()``, ``float()``): a tensor
   ``lr``, ``grad_scale`` and ``found_inf`` stay on the device, so the step needs no host
   synchronisation and is capturable.
-* The number of kernel launches per group does not depend on the number of tensors on devices
-  with fused foreach kernels (CUDA). On CPU the foreach ops run tensor by tensor and each one
-  streams the whole group through memory, which is why ``auto`` prefers the fused kernel there.
+* On CUDA the norms and element-wise ops are multi-tensor kernels; multiplying each tensor by its
+  own trust ratio (a 0-d device tensor) has no multi-tensor kernel in torch and launches one
+  kernel per tensor. On CPU the foreach ops run tensor by tensor and each one streams the whole
+  group through memory, which is why ``auto`` prefers the fused kernel there.
 
 Covers dense tensors, with or without a master copy, except ``math_dtype`` and bfloat16 params
 without a master under stochastic rounding (see :func:`covers`); the caller sends the others to
@@ -35,11 +36,18 @@ def covers(param: Tensor, grad: Tensor, master: Tensor | None, *, math_dtype: to
     return master is not None or not (stochastic_rounding and param.dtype == torch.bfloat16)
 
 
-def group_by_device_and_dtype(params: Sequence[Tensor], masters: Sequence[Tensor | None]) -> list[list[int]]:
-    """Indices of ``params`` grouped by device, dtype and master dtype (or none), in first-seen order."""
-    groups: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[int]] = defaultdict(list)
-    for i, (param, master) in enumerate(zip(params, masters)):
-        groups[(param.device, param.dtype, None if master is None else master.dtype)].append(i)
+def _dtype(tensor: Tensor | None) -> torch.dtype | None:
+    return None if tensor is None else tensor.dtype
+
+
+def group_by_device_and_dtype(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor | None],
+                              masters: Sequence[Tensor | None]) -> list[list[int]]:
+    """Indices of ``params`` grouped by device and by the dtypes of param, grad, buffer and master
+    (so that each list of a group converts, or not, as a whole), in first-seen order."""
+    groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
+    for i, param in enumerate(params):
+        key = (param.device, param.dtype, grads[i].dtype, _dtype(buffers[i]), _dtype(masters[i]))
+        groups[key].append(i)
     return list(groups.values())
 
 
@@ -67,7 +75,8 @@ def _trust_ratios(
     if norm_weights is None:
         w_norm = torch.stack(torch._foreach_norm(weights))
     else:
-        w_norm = torch.stack(torch._foreach_norm(norm_weights, 2, dtype=weights[0].dtype))
+        w_norm = torch.stack(torch._foreach_norm(norm_weights, 2, dtype=compute_dtype(norm_weights[0].dtype)))
+        w_norm = w_norm.to(weights[0].dtype)
     g_norm = torch.stack(torch._foreach_norm(grads))
     valid = (w_norm > 0) & (g_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(g_norm)
     if trust_norm == "sum":
@@ -222,10 +231,10 @@ def lars_step(
     momentum: float,
     **hyper: object,
 ) -> None:
-    """Step tensors that :func:`covers` accepted, grouped by device, dtype and master dtype.
+    """Step tensors that :func:`covers` accepted, grouped by :func:`group_by_device_and_dtype`.
     ``hyper`` holds the remaining keyword arguments of :func:`larsopt.functional.lars` this path
     uses."""
-    for group in group_by_device_and_dtype(params, master_params):
+    for group in group_by_device_and_dtype(params, grads, momentum_buffers, master_params):
         device = params[group[0]].device
         group_lr = lr.to(device, non_blocking=_to_accelerator(device)) if isinstance(lr, Tensor) else lr
         _group_step(
