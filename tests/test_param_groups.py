@@ -1,30 +1,33 @@
-"""larsopt.param_groups: presets, regex, callable, weight-decay override, frozen params, bad input,
-and the groups used end to end in larsopt.LARS."""
+"""larsopt.param_groups: presets, regex, callable, torch's bias names, custom norm types, where
+weight decay comes from, frozen params, bad input, and the groups used end to end in larsopt.LARS."""
 
 from __future__ import annotations
 
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import larsopt
+from larsopt.param_groups import BIAS_NAME
 
 # Tiny tensors: one thread is faster and keeps the run time independent of machine load.
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _placement(groups):
-    """name -> (trust ratio on, weight decay) for every param in the groups."""
+    """name -> (trust ratio on, weight decay) for every param in the groups (``None``: no
+    ``weight_decay`` key, the optimizer's value)."""
     out = {}
     for group in groups:
-        assert set(group) >= {"params", "param_names", "lars", "weight_decay"}
+        assert set(group) >= {"params", "param_names", "lars"}
         assert len(group["params"]) == len(group["param_names"]) > 0
         for name in group["param_names"]:
             assert name not in out, f"{name} in two groups"
-            out[name] = (group["lars"], group["weight_decay"])
+            out[name] = (group["lars"], group.get("weight_decay"))
     return out
 
 
@@ -237,24 +240,49 @@ def test_groups_cover_every_trainable_param_once_in_the_model_order():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [-1e-4, math.nan, "0.1", True])
-def test_bad_weight_decay(value):
-    with pytest.raises(ValueError, match="weight_decay"):
+@pytest.mark.parametrize("value", [-1e-4, math.nan, math.inf, np.float32(-1.0), np.float64(math.nan)])
+def test_bad_weight_decay_value(value):
+    with pytest.raises(ValueError, match="weight_decay") as info:
         larsopt.param_groups(_Net(), weight_decay=value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0.1", True, np.bool_(True), [0.1], torch.tensor(0.1), 1j])
+def test_weight_decay_of_the_wrong_type(value):
+    with pytest.raises(TypeError, match="weight_decay") as info:
+        larsopt.param_groups(_Net(), weight_decay=value)
+    assert type(value).__name__ in str(info.value)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.1), np.float64(1e-4), np.int64(1), np.int32(0), 2])
+def test_weight_decay_takes_numpy_scalars_and_ints(value):
+    groups = larsopt.param_groups(_Net(), weight_decay=value, exclude="norm_and_bias")
+    decays = [g["weight_decay"] for g in groups if g["lars"]]
+    assert decays == [float(value)] and type(decays[0]) is float  # the same number, as a Python float
+    assert [g["weight_decay"] for g in groups if not g["lars"]] == [0.0]
 
 
 @pytest.mark.parametrize("argument", ["exclude", "exclude_weight_decay"])
-@pytest.mark.parametrize("value", ["bias", "MXNET", "norm", 42, 0.5])
-def test_bad_rule(argument, value):
+@pytest.mark.parametrize("value", ["bias", "MXNET", "norm"])
+def test_unknown_preset(argument, value):
     # A plain string is a preset name, not a regex: an unknown one is an error, not a pattern.
     with pytest.raises(ValueError) as info:
         larsopt.param_groups(_Net(), **{argument: value})
     assert argument in str(info.value) and repr(value) in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("bad", [[torch.zeros(3)], [("w", torch.zeros(3), 1)], [(3, torch.zeros(3))], "model"])
+@pytest.mark.parametrize("argument", ["exclude", "exclude_weight_decay"])
+@pytest.mark.parametrize("value", [42, 0.5, b"ndim", ["ndim"]])
+def test_rule_of_the_wrong_type(argument, value):
+    with pytest.raises(TypeError) as info:
+        larsopt.param_groups(_Net(), **{argument: value})
+    assert argument in str(info.value) and repr(value) in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("bad", [[torch.zeros(3)], [("w", torch.zeros(3), 1)], [(3, torch.zeros(3))], "model",
+                                 torch.zeros(3), 42])
 def test_bad_model_or_named_params(bad):
-    with pytest.raises(ValueError, match="model_or_named_params"):
+    with pytest.raises(TypeError, match="model_or_named_params"):
         larsopt.param_groups(bad)
 
 
@@ -298,3 +326,205 @@ def test_named_groups_train_a_model():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Where weight decay comes from: param_groups(weight_decay=...) or LARS(weight_decay=...)
+# --------------------------------------------------------------------------------------------
+
+
+def _decay_seen(model, opt):
+    """name -> the weight decay the optimizer's group applies to it."""
+    return {name: group["weight_decay"] for group in opt.param_groups for name in group["param_names"]}
+
+
+@pytest.mark.parametrize("exclude", ["ndim", "norm_and_bias", "mxnet", None, re.compile(r"\.bias$")])
+def test_optimizer_weight_decay_reaches_the_groups_that_keep_it(exclude):
+    model = _Net()
+    opt = larsopt.LARS(larsopt.param_groups(model, exclude=exclude), lr=0.1, weight_decay=5e-4)
+    excluded = larsopt.param_groups(model, exclude=exclude, weight_decay=1.0)
+    no_decay = {name for group in excluded if group["weight_decay"] == 0.0 for name in group["param_names"]}
+    assert set(_decay_seen(model, opt)) == {name for name, _ in model.named_parameters()}
+    for name, decay in _decay_seen(model, opt).items():
+        assert decay == (0.0 if name in no_decay else 5e-4), name
+
+
+@pytest.mark.parametrize("exclude", ["ndim", "norm_and_bias"])
+def test_both_spellings_give_the_same_optimizer(exclude):
+    results = []
+    for spelling in ("param_groups", "LARS"):
+        torch.manual_seed(0)
+        model = _Net().double()
+        for param in model.parameters():
+            nn.init.normal_(param)
+        if spelling == "param_groups":
+            opt = larsopt.LARS(larsopt.param_groups(model, weight_decay=5e-4, exclude=exclude), lr=0.1)
+        else:
+            opt = larsopt.LARS(larsopt.param_groups(model, exclude=exclude), lr=0.1, weight_decay=5e-4)
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        opt.step()
+        results.append((_decay_seen(model, opt), [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert 5e-4 in results[0][0].values() and 0.0 in results[0][0].values()
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+
+
+def test_weight_decay_given_to_param_groups_wins_over_the_optimizer():
+    # A per-group value beats the optimizer's default, as in any torch optimizer.
+    model = _Net()
+    opt = larsopt.LARS(larsopt.param_groups(model, weight_decay=1e-5, exclude="ndim"), lr=0.1, weight_decay=5e-4)
+    assert set(_decay_seen(model, opt).values()) == {1e-5, 0.0}
+    zero = larsopt.LARS(larsopt.param_groups(model, weight_decay=0.0, exclude="ndim"), lr=0.1, weight_decay=5e-4)
+    assert set(_decay_seen(model, zero).values()) == {0.0}  # an explicit 0 is a value, not "unset"
+
+
+def test_groups_without_weight_decay_take_a_torch_optimizer_default():
+    model = _Net()
+    opt = torch.optim.SGD(larsopt.param_groups(model, exclude="norm_and_bias"), lr=0.1, weight_decay=1e-3)
+    assert sorted({g["weight_decay"] for g in opt.param_groups}) == [0.0, 1e-3]
+
+
+def test_only_excluded_groups_carry_weight_decay_by_default():
+    groups = larsopt.param_groups(_Net(), exclude="norm_and_bias")
+    assert [("weight_decay" in g, g.get("weight_decay")) for g in groups] == [(False, None), (True, 0.0)]
+    groups = larsopt.param_groups(_Net(), exclude="mxnet")  # mxnet keeps weight decay everywhere
+    assert all("weight_decay" not in g for g in groups)
+
+
+# --------------------------------------------------------------------------------------------
+# "norm_and_bias": torch's bias names, parametrizations, custom norm layers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,is_bias", [
+    ("bias", True), ("in_proj_bias", True), ("bias_k", True), ("bias_v", True), ("bias_ih", True),
+    ("bias_hh", True), ("bias_ih_l0", True), ("bias_hh_l12", True), ("bias_ih_l0_reverse", True),
+    ("bias_hh_l3_reverse", True), ("attn_bias", True),
+    ("weight", False), ("in_proj_weight", False), ("weight_ih_l0", False), ("weight_hr_l0_reverse", False),
+    ("biases", False), ("bias_scale", False), ("unbias", False), ("_bias", False), ("Bias", False),
+    ("bias_ih_l0_forward", False), ("relative_position_bias_table", False),
+])
+def test_bias_name_rule(name, is_bias):
+    assert (BIAS_NAME.fullmatch(name) is not None) == is_bias
+
+
+def _excluded_by_norm_and_bias(model, **kwargs):
+    groups = larsopt.param_groups(model, weight_decay=0.1, exclude="norm_and_bias", **kwargs)
+    placement = _placement(groups)
+    assert set(placement) == {name for name, _ in model.named_parameters()}
+    return {name for name, (lars, decay) in placement.items() if not lars and decay == 0.0}, placement
+
+
+def test_multihead_attention_biases():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    excluded, _ = _excluded_by_norm_and_bias(model)
+    assert excluded == {"0.in_proj_bias", "0.bias_k", "0.bias_v", "0.out_proj.bias"}
+    separate = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)  # q/k/v_proj_weight, still one in_proj_bias
+    assert _excluded_by_norm_and_bias(separate)[0] == {"in_proj_bias", "out_proj.bias"}
+
+
+@pytest.mark.parametrize("rnn", [
+    nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2),
+    nn.GRU(3, 4, num_layers=2),
+    nn.RNN(3, 4, bidirectional=True),
+    nn.LSTMCell(3, 4),
+    nn.GRUCell(3, 4),
+])
+def test_recurrent_biases(rnn):
+    excluded, placement = _excluded_by_norm_and_bias(nn.ModuleDict({"rnn": rnn}))
+    assert excluded == {name for name in placement if name.split(".")[-1].startswith("bias_")}
+    assert len(excluded) == sum(1 for name, _ in rnn.named_parameters() if "bias" in name) > 0
+    assert all(placement[name] == (True, 0.1) for name in placement if ".weight_" in name)
+
+
+def test_transformer_layer():
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    excluded, placement = _excluded_by_norm_and_bias(model)
+    assert excluded == {"self_attn.in_proj_bias", "self_attn.out_proj.bias", "linear1.bias", "linear2.bias",
+                        "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"}
+    assert set(placement) - excluded == {"self_attn.in_proj_weight", "self_attn.out_proj.weight",
+                                         "linear1.weight", "linear2.weight"}
+
+
+class _CustomNorm(nn.Module):
+    """A norm layer that does not subclass torch's (as apex's or a model zoo's RMSNorm)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+
+
+class _CustomNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = _CustomNorm(4)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4, bias=False), _CustomNorm(4))])
+
+
+def test_custom_norm_layer_needs_norm_types():
+    model = _CustomNormNet()
+    excluded, _ = _excluded_by_norm_and_bias(model)
+    assert excluded == {"fc.bias"}  # by type only: nothing says _CustomNorm is a norm layer
+    norm_params = {"norm.scale", "norm.shift", "blocks.0.1.scale", "blocks.0.1.shift"}
+    for norm_types in (_CustomNorm, (_CustomNorm,), [_CustomNorm, nn.LayerNorm]):
+        excluded, placement = _excluded_by_norm_and_bias(model, norm_types=norm_types)
+        assert excluded == {"fc.bias"} | norm_params
+        assert placement["fc.weight"] == placement["blocks.0.0.weight"] == (True, 0.1)
+
+
+def test_norm_types_adds_to_the_built_in_types_and_covers_subclasses():
+    class _Sub(_CustomNorm):
+        pass
+
+    model = nn.Sequential(_Sub(3), nn.BatchNorm1d(3), nn.Linear(3, 3, bias=False))
+    excluded, _ = _excluded_by_norm_and_bias(model, norm_types=[_CustomNorm])
+    assert excluded == {"0.scale", "0.shift", "1.weight", "1.bias"}
+
+
+def test_norm_types_in_exclude_weight_decay_only():
+    model = _CustomNormNet()
+    groups = larsopt.param_groups(model, weight_decay=0.1, exclude=None, exclude_weight_decay="norm_and_bias",
+                                  norm_types=_CustomNorm)
+    placement = _placement(groups)
+    assert {name for name, (_, decay) in placement.items() if decay == 0.0} == {
+        "fc.bias", "norm.scale", "norm.shift", "blocks.0.1.scale", "blocks.0.1.shift"}
+    assert all(lars for lars, _ in placement.values())
+
+
+@pytest.mark.parametrize("bad", [_CustomNorm(2), "LayerNorm", [nn.LayerNorm, "RMSNorm"], int, [int], 3])
+def test_norm_types_of_the_wrong_type(bad):
+    with pytest.raises(TypeError, match="norm_types"):
+        larsopt.param_groups(_CustomNormNet(), exclude="norm_and_bias", norm_types=bad)
+
+
+def test_norm_types_without_the_norm_and_bias_rule_is_an_error():
+    # It would be ignored: say so rather than silently doing nothing.
+    with pytest.raises(ValueError, match="norm_types.*'norm_and_bias'"):
+        larsopt.param_groups(_CustomNormNet(), exclude="ndim", norm_types=_CustomNorm)
+
+
+def test_parametrized_tensors_count_as_the_tensor_they_stand_for():
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    nn.utils.parametrizations.weight_norm(model[0])
+    parametrize.register_parametrization(model[0], "bias", nn.Identity())
+    parametrize.register_parametrization(model[1], "weight", nn.Identity())
+    excluded, placement = _excluded_by_norm_and_bias(model)
+    assert excluded == {"0.parametrizations.bias.original", "1.parametrizations.weight.original", "1.bias",
+                        "2.bias"}
+    assert placement["0.parametrizations.weight.original0"] == (True, 0.1)  # weight norm's g: a weight
+
+
+def test_a_bias_shared_with_a_weight_slot_is_judged_by_identity():
+    # A tensor registered under two names is listed once (torch's first name) and excluded if any
+    # of its places makes it a bias or a norm parameter.
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    model[1].weight = model[0].bias
+    excluded, placement = _excluded_by_norm_and_bias(model)
+    assert set(placement) == {"0.weight", "0.bias", "1.bias"}
+    assert excluded == {"0.bias", "1.bias"}
