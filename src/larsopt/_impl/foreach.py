@@ -25,11 +25,14 @@ import torch
 from torch import Tensor
 
 from larsopt._impl.reference import compute_dtype
+from larsopt._impl.support import is_plain
 
 
 def covers(param: Tensor, grad: Tensor, master: Tensor | None, *, math_dtype: torch.dtype | None,
            stochastic_rounding: bool) -> bool:
     """Whether this path computes this tensor's step like the reference."""
+    if not (is_plain(param) and is_plain(grad) and (master is None or is_plain(master))):
+        return False  # a tensor subclass (DTensor) would run every foreach op through its own dispatch
     if math_dtype is not None or grad.is_sparse:
         return False
     # (a param with a master copy is written back by plain rounding, stochastic_rounding or not)

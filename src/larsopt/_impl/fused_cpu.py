@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from larsopt._impl.support import is_plain
+
 _SOURCE = Path(__file__).with_name("lars_cpu.cpp")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _SCALAR_KINDS = {torch.float32: 1, torch.float64: 2}
@@ -122,6 +124,8 @@ def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | Non
     order and the update is element-wise). It runs once per tensor per step, so the common case
     (all contiguous) is checked first and cheaply.
     """
+    if not (is_plain(param) and is_plain(grad) and (buf is None or is_plain(buf))):
+        return False  # a tensor subclass (DTensor's data_ptr() is 0) is not memory the kernel can walk
     if master is not None or math_dtype is not None or not param.is_cpu or grad.is_sparse:
         return False
     dtype = param.dtype
@@ -230,28 +234,17 @@ def step(
             and _readable_scalar(found_inf)):
         return list(range(len(params)))
 
-    # One pass over the tensors, the common case (contiguous, no master) checked inline: on many
-    # small tensors the per-tensor Python cost is most of a step.
     batches: dict[torch.dtype, _Batch] = {}
     rest: list[int] = []
     use_momentum = momentum != 0
-    excluded_dtype = torch.bfloat16 if stochastic_rounding else None
-    no_masters = math_dtype is None and all(master is None for master in master_params)
     for i, param in enumerate(params):
         grad = grads[i]
         buf = momentum_buffers[i] if use_momentum else None
-        dtype = param.dtype
-        contiguous_case = (
-            no_masters and dtype in _DTYPE_CODES and dtype is not excluded_dtype and param.is_cpu
-            and grad.dtype == dtype and not grad.is_sparse and param.is_contiguous() and grad.is_contiguous()
-            and grad.numel() == param.numel()
-            and (buf is None or (buf.is_contiguous() and buf.dtype == dtype and buf.numel() == param.numel()
-                                 and buf.is_cpu))
-        )
-        if not contiguous_case and not covers(param, grad, buf, master_params[i], math_dtype=math_dtype,
-                                              stochastic_rounding=stochastic_rounding):
+        if not covers(param, grad, buf, master_params[i], math_dtype=math_dtype,
+                      stochastic_rounding=stochastic_rounding):
             rest.append(i)
             continue
+        dtype = param.dtype
         batch = batches.get(dtype)
         if batch is None:
             batch = batches[dtype] = _Batch()
