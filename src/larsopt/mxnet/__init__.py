@@ -15,10 +15,10 @@ place). Deliberate differences from MXNet (its bugs) are listed in docs/mxnet-co
 """
 
 from larsopt.mxnet import lr_scheduler
-from larsopt.mxnet.errors import MXNetAssertionError
+from larsopt.mxnet.errors import MXNetAssertionError, MXNetAssertionTypeError
 from larsopt.mxnet.lars import LARS
 from larsopt.mxnet.optimizer import Optimizer, create, register
 from larsopt.mxnet.updater import Updater, get_updater
 
-__all__ = ["LARS", "MXNetAssertionError", "Optimizer", "Updater", "create", "get_updater", "lr_scheduler",
-           "register"]
+__all__ = ["LARS", "MXNetAssertionError", "MXNetAssertionTypeError", "Optimizer", "Updater", "create", "get_updater",
+           "lr_scheduler", "register"]

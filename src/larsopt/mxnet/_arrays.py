@@ -28,6 +28,17 @@ def as_tensor(array: Any, what: str, *, writable: bool) -> Tensor:
     raise TypeError(f"{what} must be a torch.Tensor or a numpy.ndarray, got {type(array).__name__}")
 
 
+def check_floating(array: Any, what: str) -> None:
+    """``array`` must be a floating-point tensor or numpy array: the update is fractional, so an
+    integer array would be truncated (MXNet's kernels, too, take floating-point types only)."""
+    dtype = torch_dtype(array) if isinstance(array, (Tensor, np.ndarray)) else None
+    if dtype is None:
+        raise TypeError(f"{what} must be a torch.Tensor or a numpy.ndarray, got {type(array).__name__}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"{what} has dtype {dtype}; LARS updates floating-point arrays only (float16, bfloat16, "
+                        "float32, float64)")
+
+
 def zeros_like(array: ArrayLike, dtype: torch.dtype | None = None) -> ArrayLike:
     """Zeros of ``array``'s shape and kind (tensor on the same device, or numpy array)."""
     if isinstance(array, np.ndarray):

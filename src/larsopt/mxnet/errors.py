@@ -1,4 +1,4 @@
-"""The exception raised where MXNet used ``assert``."""
+"""The exceptions raised where MXNet used ``assert``."""
 
 
 class MXNetAssertionError(ValueError, AssertionError):
@@ -8,3 +8,8 @@ class MXNetAssertionError(ValueError, AssertionError):
     ``AssertionError`` (what MXNet raised), so code written against either keeps working, and
     unlike an ``assert`` it is not removed by ``python -O``.
     """
+
+
+class MXNetAssertionTypeError(MXNetAssertionError, TypeError):
+    """A check of an argument's type that MXNet makes with ``assert`` (``isinstance(max_update,
+    int)``): a ``TypeError``, as any wrong type, and an :class:`MXNetAssertionError`."""

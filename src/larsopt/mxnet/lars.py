@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from larsopt import functional
-from larsopt.mxnet import _arrays
+from larsopt.mxnet import _arrays, _checks
 from larsopt.mxnet.errors import MXNetAssertionError
 from larsopt.mxnet.optimizer import Index, Optimizer, as_lists, register
 
@@ -95,6 +95,9 @@ class LARS(Optimizer):
     ) -> None:
         super().__init__(learning_rate=learning_rate, use_fused_step=use_fused_step,
                          aggregate_num=aggregate_num, **kwargs)
+        for name, value in (("momentum", momentum), ("eta", eta), ("epsilon", epsilon)):
+            _checks.real(name, value)
+        _checks.boolean("lazy_update", lazy_update)
         if not self.use_fused_step and lazy_update:
             raise MXNetAssertionError("When use_fused_step is set to False, lazy_update has to be turned off.")
         if lazy_update and self.multi_precision:
@@ -106,6 +109,7 @@ class LARS(Optimizer):
 
     def create_state(self, index: Index, weight: _arrays.ArrayLike) -> _arrays.ArrayLike | None:
         """The momentum buffer (zeros like ``weight``), or ``None`` when ``momentum == 0``."""
+        _arrays.check_floating(weight, f"weight of index {index!r}")
         if self.momentum == 0.0:
             return None
         return _arrays.zeros_like(weight)
@@ -123,13 +127,14 @@ class LARS(Optimizer):
         sparse gradients (``lazy_update`` is off on this path). Takes lists or one of each.
         """
         indices, weights, grads, states = as_lists(indices, weights, grads, states)
+        members = self._members(indices, weights, grads, states)  # before counting: a bad call changes nothing
         lrs, wds = [], []
         for index in indices:
             # Counted one at a time, so the scheduler sees each weight's own num_update.
             self._update_count(index)
             lrs.append(self._get_lr(index))
             wds.append(self._get_wd(index))
-        self._apply(indices, weights, grads, states, lrs, wds, norm_source="master", lazy_update=False)
+        self._apply(indices, members, lrs, wds, norm_source="master", lazy_update=False)
 
     def fused_step(self, indices: Any, weights: Any, grads: Any, states: Any) -> None:
         """MXNet's fused path (aggregated or not): all indices count first, then one scheduler call.
@@ -138,27 +143,31 @@ class LARS(Optimizer):
         gradients follow ``lazy_update``. Takes lists or one of each.
         """
         indices, weights, grads, states = as_lists(indices, weights, grads, states)
+        members = self._members(indices, weights, grads, states)  # before counting: a bad call changes nothing
         self._update_count(indices)
         lrs = self._get_lrs(indices)
         wds = self._get_wds(indices)
-        self._apply(indices, weights, grads, states, lrs, wds, norm_source="param",
-                    lazy_update=self.lazy_update)
+        self._apply(indices, members, lrs, wds, norm_source="param", lazy_update=self.lazy_update)
+
+    def _members(self, indices: Sequence[Index], weights: Sequence[Any], grads: Sequence[Any],
+                 states: Sequence[Any]) -> list[tuple[_Member, torch.dtype | None]]:
+        """Every weight of the call checked and resolved (see :meth:`_member`)."""
+        return [self._member(*arrays) for arrays in zip(indices, weights, grads, states)]
 
     @torch.no_grad()
-    def _apply(self, indices: Sequence[Index], weights: Sequence[Any], grads: Sequence[Any],
-               states: Sequence[Any], lrs: Sequence[float], wds: Sequence[float], *, norm_source: str,
-               lazy_update: bool) -> None:
+    def _apply(self, indices: Sequence[Index], members: Sequence[tuple[_Member, torch.dtype | None]],
+               lrs: Sequence[float], wds: Sequence[float], *, norm_source: str, lazy_update: bool) -> None:
         """Group the weights by what the core takes as scalars and call it once per group.
 
         Runs without autograd: the weights may be a model's parameters (leaves that require grad).
+        The hyper-parameters reach the core as Python floats (NumPy scalars are accepted here).
         """
         # The fused kernels clip iff clip_gradient >= 0, and step with momentum only if it is > 0.
-        clip = self.clip_gradient if self.clip_gradient is not None and self.clip_gradient >= 0 else None
+        clip = float(self.clip_gradient) if self.clip_gradient is not None and self.clip_gradient >= 0 else None
         groups: dict[tuple, list[_Member]] = {}
-        for index, weight, grad, state, lr, wd in zip(indices, weights, grads, states, lrs, wds):
-            member, math_dtype = self._member(index, weight, grad, state)
-            momentum = self.momentum if member.momentum_buffer is not None and self.momentum > 0 else 0.0
-            key = (lr, wd, self.uses_trust_ratio(index), momentum, math_dtype)
+        for index, (member, math_dtype), lr, wd in zip(indices, members, lrs, wds):
+            momentum = float(self.momentum) if member.momentum_buffer is not None and self.momentum > 0 else 0.0
+            key = (float(lr), float(wd), self.uses_trust_ratio(index), momentum, math_dtype)
             groups.setdefault(key, []).append(member)
         for (lr, wd, adapt, momentum, math_dtype), members in groups.items():
             functional.lars(
@@ -168,12 +177,12 @@ class LARS(Optimizer):
                 lr=lr,
                 weight_decay=wd,
                 momentum=momentum,
-                eta=self.eta,
-                epsilon=self.epsilon,
+                eta=float(self.eta),
+                epsilon=float(self.epsilon),
                 adapt=adapt,
                 momentum_form="paper",
                 trust_norm="sum",
-                rescale_grad=self.rescale_grad,
+                rescale_grad=float(self.rescale_grad),
                 clip_gradient=clip,
                 master_params=[member.master for member in members],
                 norm_source=norm_source,
@@ -182,9 +191,15 @@ class LARS(Optimizer):
             )
 
     def _member(self, index: Index, weight: Any, grad: Any, state: Any) -> tuple[_Member, torch.dtype | None]:
-        """Torch views of one weight's arrays, and the dtype its update is computed in."""
+        """Torch views of one weight's arrays, checked, and the dtype its update is computed in.
+
+        Raises ``TypeError`` for an array of the wrong kind or dtype (integer weights would be
+        truncated) and ``ValueError`` for a grad or state whose shape is not the weight's.
+        """
         param = _arrays.as_tensor(weight, f"weight of index {index!r}", writable=True)
         grad_tensor = _arrays.as_tensor(grad, f"grad of index {index!r}", writable=False)
+        _arrays.check_floating(param, f"weight of index {index!r}")
+        _arrays.check_floating(grad_tensor, f"grad of index {index!r}")
         if param.layout != torch.strided:
             raise TypeError(f"weight of index {index!r} must be dense, got layout {param.layout}")
         if grad_tensor.shape != param.shape:
@@ -202,9 +217,22 @@ class LARS(Optimizer):
                 raise ValueError(f"state of float16 index {index!r} under multi_precision must be the "
                                  "(master_fp32, momentum) pair of create_state_multi_precision, got "
                                  f"{type(state).__name__}")
-            master = _arrays.as_tensor(state[0], f"master weight of index {index!r}", writable=True)
+            master = self._state_tensor(state[0], f"master weight of index {index!r}", param)
             state = state[1]
-        buffer = None if state is None else _arrays.as_tensor(state, f"state of index {index!r}", writable=True)
+        buffer = None if state is None else self._state_tensor(state, f"state of index {index!r}", param)
         # float16 without a master computes in float16, as MXNet's float16 kernels do.
         math_dtype = torch.float16 if param.dtype == torch.float16 and master is None else None
         return _Member(param, grad_tensor, buffer, master), math_dtype
+
+    @staticmethod
+    def _state_tensor(state: Any, what: str, param: Tensor) -> Tensor:
+        """A state array as a tensor updated in place; it must be dense, floating and of the
+        weight's shape (the same number of elements in another shape is an error too)."""
+        tensor = _arrays.as_tensor(state, what, writable=True)
+        _arrays.check_floating(tensor, what)
+        if tensor.layout != torch.strided:
+            raise TypeError(f"{what} must be dense, got layout {tensor.layout}")
+        if tensor.shape != param.shape:
+            raise ValueError(f"{what} has shape {tuple(tensor.shape)}, its weight {tuple(param.shape)}; "
+                             "a state must have its weight's shape (create it with create_state)")
+        return tensor

@@ -18,12 +18,22 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+from typing import Any
 
-from larsopt.mxnet.errors import MXNetAssertionError
+from larsopt.mxnet import _checks
+from larsopt.mxnet.errors import MXNetAssertionError, MXNetAssertionTypeError
 
 _LOG = logging.getLogger(__name__)
 
 WARMUP_MODES = ("linear", "constant")
+
+
+def _check_int(name: str, value: Any) -> int:
+    """MXNet's ``assert isinstance(value, int)``, NumPy integers included; returns a Python int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise MXNetAssertionTypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    return int(value)
 
 
 class LRScheduler:
@@ -44,8 +54,11 @@ class LRScheduler:
         warmup_begin_lr: float = 0,
         warmup_mode: str = "linear",
     ) -> None:
-        if not isinstance(warmup_steps, int):
-            raise MXNetAssertionError(f"warmup_steps must be an int, got {warmup_steps!r}")
+        warmup_steps = _check_int("warmup_steps", warmup_steps)
+        _checks.real("base_lr", base_lr)
+        _checks.real("warmup_begin_lr", warmup_begin_lr)
+        if not isinstance(warmup_mode, str):
+            raise TypeError(f"warmup_mode must be one of {WARMUP_MODES}, got {warmup_mode!r}")
         if warmup_begin_lr > base_lr:
             raise ValueError("Base lr has to be higher than warmup_begin_lr")
         if warmup_steps < 0:
@@ -90,6 +103,8 @@ class FactorScheduler(LRScheduler):
         warmup_mode: str = "linear",
     ) -> None:
         super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
+        for name, value in (("step", step), ("factor", factor), ("stop_factor_lr", stop_factor_lr)):
+            _checks.real(name, value)
         if step < 1:
             raise ValueError("Schedule step must be greater or equal than 1 round")
         if factor > 1.0:
@@ -132,13 +147,17 @@ class MultiFactorScheduler(LRScheduler):
         warmup_mode: str = "linear",
     ) -> None:
         super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        if not isinstance(step, list) or not step:
+        if not isinstance(step, list):
+            raise MXNetAssertionTypeError(f"step must be a non-empty list of ints, got {step!r}")
+        if not step:
             raise MXNetAssertionError(f"step must be a non-empty list of ints, got {step!r}")
         for i, boundary in enumerate(step):
+            _checks.real(f"step[{i}]", boundary)
             if i != 0 and step[i] <= step[i - 1]:
                 raise ValueError("Schedule step must be an increasing integer list")
             if boundary < 1:
                 raise ValueError("Schedule step must be greater or equal than 1 round")
+        _checks.real("factor", factor)
         if factor > 1.0:
             raise ValueError("Factor must be no more than 1 to make lr reduce")
         self.step = step
@@ -172,8 +191,8 @@ class _DecayToFinalScheduler(LRScheduler):
         warmup_mode: str,
     ) -> None:
         super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        if not isinstance(max_update, int):
-            raise MXNetAssertionError(f"max_update must be an int, got {max_update!r}")
+        max_update = _check_int("max_update", max_update)
+        _checks.real("final_lr", final_lr)
         if max_update < 1:
             raise ValueError("maximum number of updates must be strictly positive")
         # A copy taken here: an optimizer's later overwrite of base_lr does not reach the decay (as MXNet).
@@ -209,6 +228,7 @@ class PolyScheduler(_DecayToFinalScheduler):
         warmup_mode: str = "linear",
     ) -> None:
         super().__init__(max_update, base_lr, final_lr, warmup_steps, warmup_begin_lr, warmup_mode)
+        _checks.real("pwr", pwr)
         self.power = pwr
 
     def decay(self, progress: float) -> float:

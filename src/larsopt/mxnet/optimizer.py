@@ -11,22 +11,52 @@ What the base class resolves for every optimizer:
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 
-from larsopt.mxnet import _arrays
+from larsopt.mxnet import _arrays, _checks
 from larsopt.mxnet.errors import MXNetAssertionError
 
 Index = Any  # MXNet indices are ints, or names (str) when a kvstore passes them.
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 SCHEDULER_OVERWRITE_MESSAGE = "learning rate from ``lr_scheduler`` has been overwritten by ``learning_rate`` in optimizer."
 FLOAT16_WITHOUT_MASTER_MESSAGE = (
     "Accumulating with float16 in optimizer can lead to poor accuracy or slow convergence. "
     "Consider using multi_precision=True option of the optimizer"
 )
+
+
+def as_index(index: Any) -> int | str:
+    """The key of a weight: an int (from a Python or NumPy integer, or a 0-d integer tensor or
+    array, by value) or a str name (bytes from a kvstore are decoded).
+
+    A tensor is hashed by identity, so without this a new ``torch.tensor(0)`` would be a new
+    index (a new state and counter) at every call.
+    """
+    if isinstance(index, str):
+        return index
+    if isinstance(index, bytes):
+        return index.decode()
+    if isinstance(index, torch.Tensor) and index.ndim == 0 and index.dtype in _INTEGER_DTYPES:
+        return int(index.item())
+    if isinstance(index, np.ndarray) and index.ndim == 0 and np.issubdtype(index.dtype, np.integer):
+        return int(index.item())
+    if isinstance(index, numbers.Integral) and not isinstance(index, (bool, np.bool_)):
+        return int(index)
+    if isinstance(index, (torch.Tensor, np.ndarray)):
+        described = f"a {type(index).__name__} of shape {tuple(index.shape)} and dtype {index.dtype}"
+    else:
+        described = f"{index!r} of type {type(index).__name__}"
+    raise TypeError(f"an index must be an int (Python or NumPy, or a 0-d integer tensor) or a str name, got "
+                    f"{described}; pass several indices as a list")
 
 
 class Optimizer:
@@ -78,6 +108,17 @@ class Optimizer:
     ) -> None:
         if kwargs:
             self._reject_kwargs(kwargs)
+        for name, value in (("rescale_grad", rescale_grad), ("wd", wd)):
+            _checks.real(name, value)
+        _checks.real("clip_gradient", clip_gradient, none_ok=True)
+        _checks.real("learning_rate", learning_rate, none_ok=True)
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError(f"lr_scheduler must be None or a callable num_update -> lr, got {lr_scheduler!r}")
+        _checks.integer("begin_num_update", begin_num_update, minimum=0)
+        _checks.boolean("multi_precision", multi_precision)
+        _checks.boolean("use_fused_step", use_fused_step, none_ok=True)
+        if aggregate_num is not None and not aggregates_everything(aggregate_num):
+            _checks.integer("aggregate_num", aggregate_num, minimum=0, alternative="numpy.inf (everything)")
         self.rescale_grad = rescale_grad
         self.lr_scheduler = lr_scheduler
         if lr_scheduler is None and learning_rate is None:
@@ -159,19 +200,29 @@ class Optimizer:
                 "mutate the value of the learning rate of the optimizer only when the LRScheduler of the "
                 "optimizer is undefined."
             )
+        _checks.real("learning_rate", lr)
         self.lr = lr
 
     def set_lr_mult(self, args_lr_mult: dict[Index, float]) -> None:
         """Replace the lr multipliers: ``sym``'s ``__lr_mult__`` by name, then ``args_lr_mult``
         (keys are indices or names)."""
+        self._check_mults("set_lr_mult", args_lr_mult)
         self.lr_mult = self._symbol_mults("__lr_mult__")
         self.lr_mult.update(args_lr_mult)
 
     def set_wd_mult(self, args_wd_mult: dict[Index, float]) -> None:
         """Replace the wd multipliers: ``sym``'s ``__wd_mult__`` by name, then ``args_wd_mult``
         (keys are indices or names). MXNet 2.0 has no default zero for biases."""
+        self._check_mults("set_wd_mult", args_wd_mult)
         self.wd_mult = self._symbol_mults("__wd_mult__")
         self.wd_mult.update(args_wd_mult)
+
+    @staticmethod
+    def _check_mults(method: str, mults: Any) -> None:
+        if not isinstance(mults, dict):
+            raise TypeError(f"{method} takes a dict {{index or name: multiplier}}, got {type(mults).__name__}")
+        for key, value in mults.items():
+            _checks.real(f"the multiplier of {key!r} in {method}", value)
 
     def _symbol_mults(self, attribute: str) -> dict[Index, float]:
         mults: dict[Index, float] = {}
@@ -202,7 +253,9 @@ class Optimizer:
     def _multiplier(self, index: Index, table: dict[Index, float], attribute: str) -> float:
         # MXNet's priority: param_dict, then the index, then the index's name.
         if index in self.param_dict:
-            return getattr(self.param_dict[index], attribute)
+            value = getattr(self.param_dict[index], attribute)
+            _checks.real(f"param_dict[{index!r}].{attribute}", value)
+            return value
         if index in table:
             return table[index]
         if index in self.idx2name:
@@ -236,6 +289,7 @@ class Optimizer:
         Returns ``(master_fp32, create_state(index, master_fp32))`` for such weights (MXNet 2.0's
         order), else ``create_state(index, weight)``; warns for float16 without multi_precision.
         """
+        _arrays.check_floating(weight, f"weight of index {index!r}")
         is_float16 = _arrays.torch_dtype(weight) == torch.float16
         if self.multi_precision and is_float16:
             master = _arrays.to_dtype(weight, torch.float32)
@@ -283,16 +337,37 @@ class Optimizer:
         self.param_dict = {}
 
 
-def as_lists(indices: Any, weights: Any, grads: Any, states: Any) -> tuple[list, list, list, list]:
-    """Lists of equal length from one index/weight/grad/state or from sequences of them."""
+def aggregates_everything(aggregate_num: Any) -> bool:
+    """Whether ``aggregate_num`` means one call with every weight (``numpy.inf``, ``float('inf')``)."""
+    return isinstance(aggregate_num, float) and math.isinf(aggregate_num) and aggregate_num > 0
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def paired_lists(indices: Any, **arguments: Any) -> tuple[list[int | str], ...]:
+    """The indices (as :func:`as_index` keys) and each keyword argument as lists of equal length,
+    from one index and one of each, or from lists (or tuples) of them."""
     if not isinstance(indices, (list, tuple)):
-        return [indices], [weights], [grads], [states]
-    lists = [list(indices), list(weights), list(grads), list(states)]
-    lengths = {len(values) for values in lists}
-    if len(lengths) != 1:
-        raise ValueError(f"indices, weights, grads and states must have the same length, got "
-                         f"{', '.join(str(len(values)) for values in lists)}")
-    return lists[0], lists[1], lists[2], lists[3]
+        return ([as_index(indices)], *([value] for value in arguments.values()))
+    for name, values in arguments.items():
+        if not isinstance(values, (list, tuple)):
+            # A single array would be iterated by rows, each row taken for a weight.
+            raise TypeError(f"the index is a list of {len(indices)}, so {name} must be a list (or tuple) of as "
+                            f"many, got {_described(values)}")
+    lengths = [len(indices), *(len(values) for values in arguments.values())]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"indices, {', '.join(arguments)} must have the same length, got "
+                         f"{', '.join(map(str, lengths))}")
+    return ([as_index(index) for index in indices], *(list(values) for values in arguments.values()))
+
+
+def as_lists(indices: Any, weights: Any, grads: Any, states: Any) -> tuple[list, ...]:
+    """:func:`paired_lists` of the weights, grads and states of an update call."""
+    return paired_lists(indices, weights=weights, grads=grads, states=states)
 
 
 register = Optimizer.register

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import pickle
 from typing import Any
 
 from torch import Tensor
 
 from larsopt.mxnet import _arrays
-from larsopt.mxnet.optimizer import Index, Optimizer
-
-
-def aggregates_everything(aggregate_num: int | float) -> bool:
-    """Whether ``aggregate_num`` means one call with every weight (``numpy.inf``, ``float('inf')``)."""
-    return isinstance(aggregate_num, float) and math.isinf(aggregate_num) and aggregate_num > 0
+from larsopt.mxnet.optimizer import Index, Optimizer, aggregates_everything, paired_lists
 
 
 class Updater:
@@ -38,19 +32,15 @@ class Updater:
         self.aggregate_updates = optimizer.aggregate_num > 1
 
     def __call__(self, index: Any, grad: Any, weight: Any) -> None:
-        """Update ``weight`` (one, or a list) in place from ``grad`` for ``index``."""
-        if isinstance(index, (list, tuple)):
-            indices, grads, weights = list(index), list(grad), list(weight)
-        else:
-            indices, grads, weights = [index], [grad], [weight]
-        if not len(indices) == len(grads) == len(weights):
-            raise ValueError(f"indices, grads and weights must have the same length, got "
-                             f"{len(indices)}, {len(grads)} and {len(weights)}")
+        """Update ``weight`` (one, or a list) in place from ``grad`` for ``index``.
+
+        An index is an int (a NumPy integer or a 0-d integer tensor counts by its value) or a str
+        name; a list of indices takes lists (or tuples) of as many grads and weights.
+        """
+        indices, grads, weights = paired_lists(index, grads=grad, weights=weight)
         if weights:
             self.optimizer._set_current_device(_arrays.device_id(weights[0]))
         for i, idx in enumerate(indices):
-            if isinstance(idx, bytes):  # kvstores pass names as C strings
-                idx = indices[i] = idx.decode()
             if idx not in self.states:
                 self.states[idx] = self.optimizer.create_state_multi_precision(idx, weights[i])
                 self.states_synced[idx] = True
