@@ -83,7 +83,8 @@ class Optimizer:
             (``None``: 1; ``numpy.inf``: all in one call).
         use_fused_step: ``update`` calls ``fused_step`` if True, else ``step`` (``None``: False).
 
-    Any other keyword raises ``TypeError`` naming it.
+    Any other keyword raises ``TypeError`` naming it. Numbers may be NumPy scalars; a wrong type
+    raises ``TypeError`` and a NaN or infinite number ``ValueError``, both naming the argument.
     """
 
     opt_registry: ClassVar[dict[str, type[Optimizer]]] = {}
