@@ -160,7 +160,7 @@ class LARS(Optimizer):
         """Group the weights by what the core takes as scalars and call it once per group.
 
         Runs without autograd: the weights may be a model's parameters (leaves that require grad).
-        The hyper-parameters reach the core as Python floats (NumPy scalars are accepted here).
+        The hyper-parameters reach the core as Python floats and bools (NumPy scalars are accepted here).
         """
         # The fused kernels clip iff clip_gradient >= 0, and step with momentum only if it is > 0.
         clip = float(self.clip_gradient) if self.clip_gradient is not None and self.clip_gradient >= 0 else None
@@ -187,7 +187,7 @@ class LARS(Optimizer):
                 master_params=[member.master for member in members],
                 norm_source=norm_source,
                 math_dtype=math_dtype,
-                lazy_update=lazy_update,
+                lazy_update=bool(lazy_update),
             )
 
     def _member(self, index: Index, weight: Any, grad: Any, state: Any) -> tuple[_Member, torch.dtype | None]:
