@@ -44,94 +44,23 @@ does not cover is handed on, in the same call, fused -> foreach -> reference):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from larsopt._impl import foreach, fused_cpu, reference
+from larsopt.options import IMPLS, MOMENTUM_FORMS, NORM_SOURCES, TRUST_NORMS, LarsOptions, unsupported
 
-MOMENTUM_FORMS = ("paper", "torch")
-TRUST_NORMS = ("sum", "update")
-NORM_SOURCES = ("master", "param")
-IMPLS = ("auto", "reference", "foreach", "fused")
+__all__ = ["IMPLS", "MOMENTUM_FORMS", "NORM_SOURCES", "TRUST_NORMS", "LarsOptions", "lars", "resolve_impl",
+           "trust_ratio"]
 
 #: The trust ratio of one tensor (0-d tensor), as every implementation computes it.
 trust_ratio = reference.trust_ratio
 
-
 _Tensors = Sequence[Tensor]
 _MaybeTensors = Sequence["Tensor | None"]
-
-
-def _foreach_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors, master_params: _MaybeTensors,
-                  **options: Any) -> None:
-    """``"foreach"``: foreach for the tensors it covers, the reference for the rest."""
-    covered = [
-        i for i, (p, g, m) in enumerate(zip(params, grads, master_params))
-        if foreach.covers(p, g, m, math_dtype=options["math_dtype"], stochastic_rounding=options["stochastic_rounding"])
-    ]
-    _run_foreach(covered, params, grads, momentum_buffers, master_params, options)
-    _run_reference(_others(covered, len(params)), params, grads, momentum_buffers, master_params, options)
-
-
-def _fused_step(params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors, master_params: _MaybeTensors,
-                **options: Any) -> None:
-    """``"fused"``: the CPU kernel for the tensors it covers (one call per dtype), foreach for
-    the others it covers (master copies, other devices, no C++ compiler here), the reference for
-    the rest."""
-    rest = fused_cpu.step(params, grads, momentum_buffers, master_params,
-                          **{name: options[name] for name in _FUSED_OPTIONS})
-    covered = [
-        i for i in rest
-        if foreach.covers(params[i], grads[i], master_params[i], math_dtype=options["math_dtype"],
-                          stochastic_rounding=options["stochastic_rounding"])
-    ]
-    _run_foreach(covered, params, grads, momentum_buffers, master_params, options)
-    taken = set(covered)
-    _run_reference([i for i in rest if i not in taken], params, grads, momentum_buffers, master_params, options)
-
-
-_FUSED_OPTIONS = (
-    "lr", "weight_decay", "momentum", "eta", "epsilon", "adapt", "nesterov", "momentum_form", "trust_norm",
-    "trust_clip", "rescale_grad", "clip_gradient", "maximize", "grad_scale", "found_inf", "math_dtype",
-    "stochastic_rounding",
-)
-_REFERENCE_ONLY_OPTIONS = ("math_dtype", "lazy_update", "stochastic_rounding", "generator")
-
-
-def _others(indices: list[int], count: int) -> list[int]:
-    """0..count-1 without ``indices``."""
-    taken = set(indices)
-    return [i for i in range(count) if i not in taken]
-
-
-def _run_foreach(indices: list[int], params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors,
-                 master_params: _MaybeTensors, options: dict[str, Any]) -> None:
-    if indices:
-        foreach.lars_step(
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [momentum_buffers[i] for i in indices],
-            [master_params[i] for i in indices],
-            **{name: value for name, value in options.items() if name not in _REFERENCE_ONLY_OPTIONS},
-        )
-
-
-def _run_reference(indices: list[int], params: _Tensors, grads: _Tensors, momentum_buffers: _MaybeTensors,
-                   master_params: _MaybeTensors, options: dict[str, Any]) -> None:
-    if indices:
-        reference.lars_step(
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [momentum_buffers[i] for i in indices],
-            [master_params[i] for i in indices],
-            **options,
-        )
-
-
-_IMPLEMENTATIONS = {"reference": reference.lars_step, "foreach": _foreach_step, "fused": _fused_step}
 
 
 def resolve_impl(impl: str) -> str:
@@ -150,93 +79,108 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+#: Each implementation and the paths its tensors go down, in order: a path hands on what it does
+#: not cover (by tensor) or implement (by option, per its ``SUPPORTED`` table).
+_CHAINS = {"reference": ("reference",), "foreach": ("foreach", "reference"),
+           "fused": ("fused", "foreach", "reference")}
+_PATHS = {"reference": reference, "foreach": foreach, "fused": fused_cpu}
+_STEPS = {"reference": reference.lars_step, "foreach": foreach.lars_step, "fused": fused_cpu.step}
+
+
+def _others(indices: list[int], count: int) -> list[int]:
+    """0..count-1 without ``indices``."""
+    taken = set(indices)
+    return [i for i in range(count) if i not in taken]
+
+
 def lars(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor | None],
+    momentum_buffers: MutableSequence[Tensor | None],
+    options: LarsOptions | None = None,
     *,
-    lr: float | Tensor,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    eta: float = 0.001,
-    epsilon: float = 1e-8,
-    adapt: bool = True,
-    nesterov: bool = False,
-    momentum_form: str = "paper",
-    trust_norm: str = "sum",
-    trust_clip: bool = False,
-    rescale_grad: float = 1.0,
-    clip_gradient: float | None = None,
-    maximize: bool = False,
     master_params: Sequence[Tensor | None] | None = None,
-    norm_source: str = "master",
-    math_dtype: torch.dtype | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-    lazy_update: bool = True,
-    stochastic_rounding: bool = False,
     generator: torch.Generator | None = None,
+    stats: Tensor | None = None,
     impl: str = "auto",
+    **option_values: Any,
 ) -> None:
     """Apply one LARS step in place to ``params`` (and ``momentum_buffers``, ``master_params``).
 
-    The formulas are in the module docstring. This function validates nothing (the front-ends
-    do); it computes everything.
+    The formulas are in the module docstring. The options come as a :class:`LarsOptions` (not
+    checked again: front-ends check theirs once) or as keywords (``lr=0.1, momentum=0.9, ...``;
+    checked, ``lr`` required), not both.
 
     Args:
         params: the tensors to update.
-        grads: their gradients (dense), read only.
-        momentum_buffers: one per param; a tensor (zeros before the first step) when
-            ``momentum != 0``, else ``None``.
-        lr: learning rate, a float or a 0-d tensor (a tensor never causes a recompile).
-        adapt: apply the trust ratio (``False``: lam = 1, e.g. for biases and norm layers).
+        grads: their gradients (dense, or sparse COO with ``sparse_dim == 1``), read only.
+        momentum_buffers: one entry per param; unused (``None``) when ``momentum == 0``. With
+            momentum, a ``None`` entry is a first step: the buffer is created in the list (in the
+            param's dtype, float32 with a master copy) and starts as the first update itself, as in
+            torch SGD; without dampening that is the same as a buffer of zeros.
+        options: the step's :class:`LarsOptions`; or give them as keywords.
         master_params: optional float32 master copies (``None`` entries for params without
             one). The update is computed on the master and written back rounded to the param.
-        norm_source: ``"master"`` takes |w| from the master copy, ``"param"`` from the param
-            as stored (MXNet's fused path under multi_precision).
-        math_dtype: dtype of the update arithmetic; default the param dtype promoted to at
-            least float32. MXNet's float16 kernels without master copies use float16.
         grad_scale, found_inf: AMP (``torch.amp.GradScaler``): gradients are divided by
             ``grad_scale`` before anything else, and ``found_inf > 0`` leaves every tensor
             unchanged, without a host synchronisation.
-        lazy_update: for sparse gradients (COO, ``sparse_dim == 1``): ``True`` changes only the
-            rows present (weight, momentum and weight decay); ``False`` gives the dense result.
-            The trust ratio uses |w| over all rows and |g| over the present rows either way.
-        stochastic_rounding: round the written-back bfloat16 param stochastically (unbiased),
-            for bfloat16 params without a master copy; ``generator`` seeds it.
+        generator: seeds ``stochastic_rounding``.
+        stats: optional ``(len(params), 3)`` float32 tensor that gets each tensor's |w|, |g| (the
+            rescaled gradient's norm) and trust ratio lam, from the values the step computes
+            anyway (no extra pass, no host sync). A group with ``adapt=False`` takes no norms:
+            its rows are (nan, nan, 1).
         impl: one of :data:`IMPLS` (see the module docstring; ``"auto"`` is ``"fused"``).
     """
+    if options is None:
+        if "lr" not in option_values:
+            raise TypeError("lars() needs the learning rate: pass lr=... (or a LarsOptions)")
+        options = LarsOptions.from_keywords(option_values)
+    elif option_values:
+        raise TypeError(f"lars() takes a LarsOptions or option keywords, not both (got {sorted(option_values)})")
+    if impl not in IMPLS:
+        raise ValueError(f"Invalid impl: {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
     if not params:
         return
     if master_params is None:
         master_params = [None] * len(params)
-    if not lazy_update:
+    if not options.lazy_update:
         # A standard (non-lazy) sparse update is the dense update: densify once (duplicate indices
         # are summed) so that every path, fast ones included, gives exactly the dense result.
         grads = [grad.to_dense() if grad.is_sparse else grad for grad in grads]
-    _IMPLEMENTATIONS[resolve_impl(impl)](
-        params,
-        grads,
-        momentum_buffers,
-        master_params,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        eta=eta,
-        epsilon=epsilon,
-        adapt=adapt,
-        nesterov=nesterov,
-        momentum_form=momentum_form,
-        trust_norm=trust_norm,
-        trust_clip=trust_clip,
-        rescale_grad=rescale_grad,
-        clip_gradient=clip_gradient,
-        maximize=maximize,
-        norm_source=norm_source,
-        math_dtype=math_dtype,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        lazy_update=lazy_update,
-        stochastic_rounding=stochastic_rounding,
-        generator=generator,
-    )
+    if options.momentum != 0:
+        _create_missing_buffers(params, momentum_buffers, master_params)
+    chain = _CHAINS[resolve_impl(impl)]
+    pending = list(range(len(params)))
+    for path in chain:
+        if path != chain[-1] and unsupported(options, _PATHS[path].SUPPORTED) is not None:
+            continue
+        inputs = dict(grad_scale=grad_scale, found_inf=found_inf)
+        if path == "reference":
+            inputs["generator"] = generator  # (stochastic rounding: only the reference implements it)
+        pending = _run(path, pending, params, grads, momentum_buffers, master_params, options, stats, inputs)
+        if not pending:
+            return
+
+
+def _create_missing_buffers(params: _Tensors, buffers: MutableSequence[Tensor | None],
+                            masters: _MaybeTensors) -> None:
+    """A first step's momentum buffers: zeros, which every path turns into the first update."""
+    for i, buf in enumerate(buffers):
+        if buf is None:
+            target = masters[i] if masters[i] is not None else params[i]
+            buffers[i] = torch.zeros_like(target, memory_format=torch.preserve_format)
+
+
+def _run(path: str, indices: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,
+         masters: _MaybeTensors, options: LarsOptions, stats: Tensor | None, inputs: dict[str, Any]) -> list[int]:
+    """Step the tensors at ``indices`` that ``path`` covers; return the indices of the others."""
+    if len(indices) != len(params):
+        params, grads, buffers, masters = ([items[i] for i in indices] for items in (params, grads, buffers, masters))
+    rows = None if stats is None else torch.empty(len(indices), 3, dtype=torch.float32, device=stats.device)
+    rest = _STEPS[path](params, grads, buffers, masters, options, stats=rows, **inputs) or []
+    if stats is not None:
+        done = _others(rest, len(indices))
+        stats[[indices[k] for k in done]] = rows[done]
+    return [indices[k] for k in rest]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,27 +10,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from larsopt import functional as F
+from larsopt.options import OPTIMIZER_SETTINGS, LarsOptions, check_group, group_defaults, \
+    group_keys_saved_since_first_release
 
 _STATE_KEYS = ("momentum_buffer", "master_param")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_OWN_SETTINGS = ("multi_precision", "impl", "capturable")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, Tensor):
-        if value.dim() != 0 or not value.dtype.is_floating_point:
-            raise ValueError(f"Invalid {name}: a tensor {name} must be a 0-d floating tensor, got shape "
-                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        if value.device.type == "cpu" and not (value.item() >= 0 and math.isfinite(value.item())):
-            # (a CUDA tensor is not read back: that would synchronise)
-            raise ValueError(f"Invalid {name}: {value.item()!r}; expected a finite number >= 0")
-        return
-    if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number >= 0")
+_OWN_SETTINGS = tuple(OPTIMIZER_SETTINGS)
 
 
 def _capturing() -> bool:
@@ -40,38 +24,6 @@ def _capturing() -> bool:
     if torch.compiler.is_compiling() or not torch.cuda.is_available():
         return False
     return torch.cuda.is_current_stream_capturing()
-
-
-def check_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first bad hyper-parameter of a param group."""
-    for name in ("lr", "eta", "epsilon", "weight_decay"):
-        _check_nonnegative(name, group[name])
-    momentum = group["momentum"]
-    if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"Invalid momentum: {momentum!r}; expected a number in [0, 1)")
-    if not _is_number(group["rescale_grad"]) or not math.isfinite(group["rescale_grad"]):
-        raise ValueError(f"Invalid rescale_grad: {group['rescale_grad']!r}; expected a finite number")
-    clip = group["clip_gradient"]
-    if clip is not None and (not _is_number(clip) or not clip >= 0):
-        raise ValueError(f"Invalid clip_gradient: {clip!r}; expected None (no clipping) or a number >= 0")
-    for name in ("nesterov", "trust_clip", "maximize", "lars", "multi_precision", "lazy_update",
-                 "stochastic_rounding", "capturable"):
-        if not isinstance(group[name], bool):
-            raise ValueError(f"Invalid {name}: {group[name]!r}; expected True or False")
-    if group["capturable"] and not isinstance(group["lr"], Tensor):
-        raise ValueError(f"Invalid lr: {group['lr']!r} with capturable=True; a CUDA graph would keep a Python lr at "
-                         "its captured value: pass lr as a 0-d tensor on the params' device (LR schedulers update "
-                         "it in place)")
-    if group["nesterov"] and momentum == 0:
-        raise ValueError("Invalid nesterov: True with momentum=0; Nesterov momentum needs momentum > 0")
-    for name, allowed in (
-        ("momentum_form", F.MOMENTUM_FORMS),
-        ("trust_norm", F.TRUST_NORMS),
-        ("impl", F.IMPLS),
-        ("norm_source", F.NORM_SOURCES),
-    ):
-        if group[name] not in allowed:
-            raise ValueError(f"Invalid {name}: {group[name]!r}; expected one of {', '.join(map(repr, allowed))}")
 
 
 class LARS(Optimizer):
@@ -162,28 +114,14 @@ class LARS(Optimizer):
         generator: torch.Generator | None = None,
         capturable: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            eta=eta,
-            epsilon=epsilon,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            momentum_form=momentum_form,
-            trust_norm=trust_norm,
-            trust_clip=trust_clip,
-            rescale_grad=rescale_grad,
-            clip_gradient=clip_gradient,
-            maximize=maximize,
-            impl=impl,
-            lars=True,
-            multi_precision=multi_precision,
-            norm_source=norm_source,
-            lazy_update=lazy_update,
-            stochastic_rounding=stochastic_rounding,
+        defaults = group_defaults(
+            lr=lr, momentum=momentum, eta=eta, epsilon=epsilon, weight_decay=weight_decay, nesterov=nesterov,
+            momentum_form=momentum_form, trust_norm=trust_norm, trust_clip=trust_clip, rescale_grad=rescale_grad,
+            clip_gradient=clip_gradient, maximize=maximize, impl=impl, multi_precision=multi_precision,
+            norm_source=norm_source, lazy_update=lazy_update, stochastic_rounding=stochastic_rounding,
             capturable=capturable,
         )
-        check_hyperparameters(defaults)
+        check_group(defaults)
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, "
                             f"got a single tensor of shape {tuple(params.shape)}; wrap it in a list")
@@ -199,7 +137,7 @@ class LARS(Optimizer):
             group.setdefault("capturable", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        check_hyperparameters({**self.defaults, **param_group})
+        check_group({**self.defaults, **param_group})
         unknown = set(param_group) - set(self.defaults) - {"params", "param_names"}
         if unknown:
             raise ValueError(f"Invalid param group key(s) {sorted(unknown)}; allowed keys are "
@@ -252,6 +190,7 @@ class LARS(Optimizer):
             self._check_capture()
         for group in self.param_groups:
             params, grads, buffers, masters = [], [], [], []
+            new_buffers: list[tuple[int, dict[str, Any]]] = []  # (position in buffers, state to keep it in)
             use_momentum = group["momentum"] != 0
             multi_precision, lazy_update = group["multi_precision"], group["lazy_update"]
             for index, param in enumerate(group["params"]):
@@ -275,43 +214,18 @@ class LARS(Optimizer):
                 params.append(param)
                 grads.append(grad)
                 masters.append(master)
+                buf = None
                 if use_momentum:
-                    buffer_dtype = torch.float32 if master is not None else param.dtype
                     buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.zeros_like(
-                            param, dtype=buffer_dtype, memory_format=torch.preserve_format)
-                    elif buf.dtype != buffer_dtype:
-                        buf = state["momentum_buffer"] = buf.to(buffer_dtype)
-                    buffers.append(buf)
-                else:
-                    buffers.append(None)
-            F.lars(
-                params,
-                grads,
-                buffers,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                eta=group["eta"],
-                epsilon=group["epsilon"],
-                adapt=group["lars"],
-                nesterov=group["nesterov"],
-                momentum_form=group["momentum_form"],
-                trust_norm=group["trust_norm"],
-                trust_clip=group["trust_clip"],
-                rescale_grad=group["rescale_grad"],
-                clip_gradient=group["clip_gradient"],
-                maximize=group["maximize"],
-                master_params=masters,
-                norm_source=group["norm_source"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                lazy_update=group["lazy_update"],
-                stochastic_rounding=group["stochastic_rounding"],
-                generator=self.generator,
-                impl=group["impl"],
-            )
+                    buffer_dtype = torch.float32 if master is not None else param.dtype
+                    if buf is None or buf.dtype != buffer_dtype:
+                        new_buffers.append((len(buffers), state))
+                        buf = None if buf is None else buf.to(buffer_dtype)
+                buffers.append(buf)
+            F.lars(params, grads, buffers, LarsOptions.from_group(group), master_params=masters, grad_scale=grad_scale,
+                   found_inf=found_inf, generator=self.generator, impl=group["impl"])
+            for index, state in new_buffers:  # (the core made first steps' buffers in the list)
+                state["momentum_buffer"] = buffers[index]
         return loss
 
     def _check_capture(self) -> None:
@@ -384,13 +298,13 @@ class LARS(Optimizer):
                 raise ValueError(f"Invalid state_dict: param group {number} has {len(saved['params'])} params "
                                  f"there and {len(group['params'])} here")
             # (torch's __setstate__, run by every load, adds "differentiable" to the defaults)
-            missing = sorted(set(self.defaults) - set(saved) - set(_OWN_SETTINGS) - {"differentiable"})
+            # (options added after the first release take their default when a saved group lacks them)
+            missing = sorted(group_keys_saved_since_first_release() - set(saved))
             if missing:
                 raise ValueError(f"Invalid state_dict: param group {number} lacks the LARS settings {missing}; "
                                  "is it from a different optimizer?")
             # (the saved values alone: this optimizer's own settings replace the saved ones below)
-            check_hyperparameters({**self.defaults, **{k: v for k, v in saved.items() if k in self.defaults},
-                                   "capturable": False})
+            check_group({**self.defaults, **{k: v for k, v in saved.items() if k in self.defaults}, "capturable": False})
             params_by_id.update(zip(saved["params"], group["params"]))
         for key, param_state in state_dict["state"].items():
             param = params_by_id.get(key)
@@ -416,8 +330,11 @@ class LARS(Optimizer):
         # a training hyper-parameter: keep it rather than taking the saved one.
         own = [{key: group[key] for key in _OWN_SETTINGS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        declared = group_defaults()
         for group, settings, lr in zip(self.param_groups, own, own_lrs):
             group.update(settings)
+            for key, value in declared.items():  # saved before the option existed: what it did then
+                group.setdefault(key, value)
             if lr is not None:
                 group["lr"] = lr.fill_(float(group["lr"]))
         # torch casts every floating state tensor to the param's dtype; masters and their

@@ -26,13 +26,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from larsopt._impl.norms import SUMS_DTYPE, compute_dtype
+from larsopt._impl.reference import ratios_from_sums, stats_rows
 from larsopt._impl.support import is_plain
+from larsopt.options import ANY, LarsOptions
 
 _SOURCE = Path(__file__).with_name("lars_cpu.cpp")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
@@ -91,13 +94,14 @@ def load() -> ctypes.CDLL | None:
             if sys.platform == "win32":
                 raise RuntimeError("the fused CPU kernel is built with gcc/clang flags; Windows is not supported")
             library = ctypes.CDLL(str(_build(compiler, _SOURCE.read_bytes())))
+            library.larsopt_kernel_args_size.restype = ctypes.c_int64
+            size = library.larsopt_kernel_args_size()
+            if size != ctypes.sizeof(_KernelArgs):
+                raise RuntimeError(f"the kernel's argument struct has {size} bytes and _KernelArgs "
+                                   f"{ctypes.sizeof(_KernelArgs)}: lars_cpu.cpp and fused_cpu.py disagree")
             function = library.larsopt_lars_step
             function.restype = ctypes.c_int
-            function.argtypes = [
-                ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-            ]
+            function.argtypes = [ctypes.POINTER(_KernelArgs)]
             _library = library
         except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
             detail = getattr(error, "stderr", None) or str(error)
@@ -115,21 +119,24 @@ def _same_layout(param: Tensor, other: Tensor) -> bool:
         and other.is_cpu and not other.is_sparse
 
 
-def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | None, *, math_dtype: torch.dtype | None,
-           stochastic_rounding: bool) -> bool:
-    """Whether the kernel computes this tensor's step exactly like the reference.
+#: What the kernel computes exactly like the reference (other values go to the next path).
+#: norm_source and lazy_update only matter for tensors it does not cover (masters, sparse grads).
+SUPPORTED = {name: ANY for name in LarsOptions.__dataclass_fields__} | {"math_dtype": (None,)}
+
+
+def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | None, options: LarsOptions) -> bool:
+    """Whether the kernel computes this tensor's step exactly like the reference (given :data:`SUPPORTED`).
 
     The kernel walks the storage of param, grad and buffer as flat arrays in the same order, so
-    they must be dense and laid out alike (any dense layout works: the norms do not depend on the
-    order and the update is element-wise). It runs once per tensor per step, so the common case
-    (all contiguous) is checked first and cheaply.
+    they must be plain dense CPU tensors laid out alike (any dense layout works: the norms do not
+    depend on the order and the update is element-wise). It runs once per tensor per step, so the
+    common case (all contiguous) is checked first and cheaply.
     """
     if not (is_plain(param) and is_plain(grad) and (buf is None or is_plain(buf))):
         return False  # a tensor subclass (DTensor's data_ptr() is 0) is not memory the kernel can walk
-    if master is not None or math_dtype is not None or not param.is_cpu or grad.is_sparse:
-        return False
     dtype = param.dtype
-    if dtype not in _DTYPE_CODES or (stochastic_rounding and dtype == torch.bfloat16) or grad.dtype != dtype:
+    if master is not None or not param.is_cpu or grad.is_sparse or dtype not in _DTYPE_CODES \
+            or grad.dtype != dtype or (options.stochastic_rounding and dtype == torch.bfloat16):
         return False
     if param.is_contiguous() and grad.is_contiguous() and (buf is None or buf.is_contiguous()):
         return grad.shape == param.shape and (buf is None or (buf.dtype == dtype and buf.shape == param.shape
@@ -139,11 +146,82 @@ def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | Non
     return _same_layout(param, grad) and (buf is None or _same_layout(param, buf))
 
 
-def _scalar_pointer(value: Tensor | None) -> tuple[int, int]:
-    """(pointer, kind) of a 0-d CPU float tensor for the kernel, ``(0, 0)`` for None."""
-    if value is None:
-        return 0, 0
-    return value.data_ptr(), _SCALAR_KINDS[value.dtype]
+class _KernelArgs(ctypes.Structure):
+    """``LarsKernelArgs`` of ``lars_cpu.cpp``, field for field (its size is checked at load)."""
+
+    _fields_ = [
+        ("count", ctypes.c_int64),
+        ("params", ctypes.c_void_p),
+        ("grads", ctypes.c_void_p),
+        ("buffers", ctypes.c_void_p),
+        ("numels", ctypes.c_void_p),
+        ("lr_tensor", ctypes.c_void_p),
+        ("grad_scale_tensor", ctypes.c_void_p),
+        ("found_inf_tensor", ctypes.c_void_p),
+        ("sums_out", ctypes.c_void_p),
+        ("trust_in", ctypes.c_void_p),
+        ("stats_out", ctypes.c_void_p),
+        ("lr", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("momentum", ctypes.c_double),
+        ("eta", ctypes.c_double),
+        ("epsilon", ctypes.c_double),
+        ("rescale_grad", ctypes.c_double),
+        ("clip_gradient", ctypes.c_double),
+        ("dtype", ctypes.c_int32),
+        ("lr_kind", ctypes.c_int32),
+        ("grad_scale_kind", ctypes.c_int32),
+        ("found_inf_kind", ctypes.c_int32),
+        ("phase", ctypes.c_int32),
+        ("adapt", ctypes.c_int32),
+        ("nesterov", ctypes.c_int32),
+        ("trust_update", ctypes.c_int32),
+        ("trust_clip", ctypes.c_int32),
+        ("maximize", ctypes.c_int32),
+        ("momentum_form", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+    ]
+
+
+#: The kernel's number fields that come from the options (the custom op passes them as two lists,
+#: in this order, and the call rebuilds the struct by name).
+_REAL_FIELDS = ("lr", "weight_decay", "momentum", "eta", "epsilon", "rescale_grad", "clip_gradient")
+_SWITCH_FIELDS = ("dtype", "phase", "adapt", "nesterov", "trust_update", "trust_clip", "maximize", "momentum_form")
+_WHOLE, _NORMS, _UPDATE = 0, 1, 2
+
+
+def _kernel_fields(options: LarsOptions, dtype: torch.dtype, phase: int) -> tuple[list[float], list[int]]:
+    """The values of :data:`_REAL_FIELDS` and :data:`_SWITCH_FIELDS` for a call."""
+    lr = options.lr
+    reals = dict(
+        lr=0.0 if isinstance(lr, Tensor) else float(lr),
+        weight_decay=float(options.weight_decay),
+        momentum=float(options.momentum),
+        eta=float(options.eta),
+        epsilon=float(options.epsilon),
+        rescale_grad=float(options.rescale_grad),
+        clip_gradient=math.inf if options.clip_gradient is None else float(options.clip_gradient),
+    )
+    switches = dict(
+        dtype=_DTYPE_CODES[dtype],
+        phase=phase,
+        adapt=int(options.adapt),
+        nesterov=int(options.nesterov),
+        trust_update=int(options.trust_norm == "update"),
+        trust_clip=int(options.trust_clip),
+        maximize=int(options.maximize),
+        momentum_form=_FORMS[options.momentum_form] if options.momentum != 0 else 0,
+    )
+    return [reals[name] for name in _REAL_FIELDS], [switches[name] for name in _SWITCH_FIELDS]
+
+
+def _pointer(value: Tensor | None) -> int:
+    return 0 if value is None else value.data_ptr()
+
+
+def _scalar_kind(value: Tensor | None) -> int:
+    """The kernel's code for a 0-d CPU float tensor it reads at call time (0: absent)."""
+    return 0 if value is None else _SCALAR_KINDS[value.dtype]
 
 
 def _readable_scalar(value: Tensor | float | None) -> bool:
@@ -153,37 +231,46 @@ def _readable_scalar(value: Tensor | float | None) -> bool:
 
 
 def _call(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: Tensor | None,
-          grad_scale: Tensor | None, found_inf: Tensor | None, hyper: list[float], flags: list[int]) -> None:
+          grad_scale: Tensor | None, found_inf: Tensor | None, sums_out: Tensor | None, trust_in: Tensor | None,
+          stats_out: Tensor | None, reals: list[float], switches: list[int]) -> None:
     """One kernel call over tensors of one dtype (``buffers`` empty without momentum)."""
     count = len(params)
-    library = load()
-    library.larsopt_lars_step(
-        _DTYPE_CODES[params[0].dtype],
-        count,
-        (ctypes.c_void_p * count)(*[t.data_ptr() for t in params]),
-        (ctypes.c_void_p * count)(*[t.data_ptr() for t in grads]),
-        (ctypes.c_void_p * count)(*[t.data_ptr() for t in buffers]) if buffers else None,
-        (ctypes.c_int64 * count)(*[t.numel() for t in params]),
-        (ctypes.c_double * len(hyper))(*hyper),
-        (ctypes.c_int32 * len(flags))(*flags),
-        *_scalar_pointer(lr),
-        *_scalar_pointer(grad_scale),
-        *_scalar_pointer(found_inf),
-        torch.get_num_threads(),
+    args = _KernelArgs(
+        count=count,
+        params=ctypes.cast((ctypes.c_void_p * count)(*[t.data_ptr() for t in params]), ctypes.c_void_p),
+        grads=ctypes.cast((ctypes.c_void_p * count)(*[t.data_ptr() for t in grads]), ctypes.c_void_p),
+        buffers=ctypes.cast((ctypes.c_void_p * count)(*[t.data_ptr() for t in buffers]), ctypes.c_void_p)
+        if buffers else None,
+        numels=ctypes.cast((ctypes.c_int64 * count)(*[t.numel() for t in params]), ctypes.c_void_p),
+        lr_tensor=_pointer(lr),
+        grad_scale_tensor=_pointer(grad_scale),
+        found_inf_tensor=_pointer(found_inf),
+        sums_out=_pointer(sums_out),
+        trust_in=_pointer(trust_in),
+        stats_out=_pointer(stats_out),
+        lr_kind=_scalar_kind(lr),
+        grad_scale_kind=_scalar_kind(grad_scale),
+        found_inf_kind=_scalar_kind(found_inf),
+        threads=torch.get_num_threads(),
+        **dict(zip(_REAL_FIELDS, reals)),
+        **dict(zip(_SWITCH_FIELDS, switches)),
     )
+    load().larsopt_lars_step(ctypes.byref(args))
 
 
 # Under a user's torch.compile the call is this custom op, which dynamo and inductor treat as one
 # opaque in-place node (no graph break, nothing to compile); eagerly, ``_call`` is called directly,
 # which skips the dispatcher's per-tensor work (it matters on thousands of small tensors).
-@torch.library.custom_op("larsopt::lars_cpu_step", mutates_args=("params", "buffers"), device_types="cpu")
+@torch.library.custom_op("larsopt::lars_cpu_step", mutates_args=("params", "buffers", "sums_out", "stats_out"),
+                         device_types="cpu")
 def _lars_cpu_step(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: Tensor | None,
-                   grad_scale: Tensor | None, found_inf: Tensor | None, hyper: list[float], flags: list[int]) -> None:
-    _call(params, grads, buffers, lr, grad_scale, found_inf, hyper, flags)
+                   grad_scale: Tensor | None, found_inf: Tensor | None, sums_out: Tensor | None,
+                   trust_in: Tensor | None, stats_out: Tensor | None, reals: list[float], switches: list[int]) -> None:
+    _call(params, grads, buffers, lr, grad_scale, found_inf, sums_out, trust_in, stats_out, reals, switches)
 
 
 @_lars_cpu_step.register_fake
-def _(params, grads, buffers, lr, grad_scale, found_inf, hyper, flags) -> None:
+def _(params, grads, buffers, lr, grad_scale, found_inf, sums_out, trust_in, stats_out, reals, switches) -> None:
     return None
 
 
@@ -194,12 +281,30 @@ def _kernel_available() -> bool:
 
 
 class _Batch:
-    """The tensors of one dtype for one kernel call."""
+    """The tensors of one dtype for one kernel call, and their positions in the caller's lists."""
 
     def __init__(self) -> None:
+        self.indices: list[int] = []
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
         self.buffers: list[Tensor] = []
+
+    def run(self, options: LarsOptions, phase: int, grad_scale: Tensor | None, found_inf: Tensor | None,
+            sums_out: Tensor | None = None, trust_in: Tensor | None = None, stats_out: Tensor | None = None) -> None:
+        reals, switches = _kernel_fields(options, self.params[0].dtype, phase)
+        lr = options.lr if isinstance(options.lr, Tensor) else None
+        if torch.compiler.is_compiling():
+            _lars_cpu_step(self.params, self.grads, self.buffers, lr, grad_scale, found_inf, sums_out, trust_in,
+                           stats_out, reals, switches)
+            return
+        _call(self.params, self.grads, self.buffers, lr, grad_scale, found_inf, sums_out, trust_in, stats_out, reals,
+              switches)
+        if phase != _NORMS:
+            # The kernel wrote through raw pointers: bump the version counters as an in-place op
+            # would, so autograd still detects a param saved for backward and changed by the step.
+            torch.autograd.graph.increment_version(self.params)
+            if self.buffers:
+                torch.autograd.graph.increment_version(self.buffers)
 
 
 def step(
@@ -207,71 +312,59 @@ def step(
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
     master_params: Sequence[Tensor | None],
+    options: LarsOptions,
     *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    eta: float,
-    epsilon: float,
-    adapt: bool,
-    nesterov: bool,
-    momentum_form: str,
-    trust_norm: str,
-    trust_clip: bool,
-    rescale_grad: float,
-    clip_gradient: float | None,
-    maximize: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    math_dtype: torch.dtype | None,
-    stochastic_rounding: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    stats: Tensor | None = None,
+    reduce_sums: Callable[[Tensor], Tensor] | None = None,
 ) -> list[int]:
     """Step every tensor the kernel covers (:func:`covers`), one kernel call per dtype, and return
-    the indices of the others, untouched, for the caller to hand to another implementation. All
-    are returned when the kernel is unavailable here or cannot read ``lr``/``grad_scale``/
-    ``found_inf`` where they live (another device)."""
-    if not (_kernel_available() and _readable_scalar(lr) and _readable_scalar(grad_scale)
+    the indices of the others, untouched, for the caller to hand to another path. All are returned
+    when the kernel is unavailable here or cannot read ``lr``/``grad_scale``/``found_inf`` where
+    they live (another device). The arguments are those of :func:`larsopt._impl.reference.lars_step`.
+
+    Without ``reduce_sums`` each tensor's norms and update run back to back in one call (the update
+    reads from cache); with it, one call per dtype takes the sums, ``reduce_sums`` combines them,
+    and a second call updates with the trust ratios taken from the result."""
+    if not (_kernel_available() and _readable_scalar(options.lr) and _readable_scalar(grad_scale)
             and _readable_scalar(found_inf)):
         return list(range(len(params)))
 
     batches: dict[torch.dtype, _Batch] = {}
     rest: list[int] = []
-    use_momentum = momentum != 0
+    use_momentum = options.momentum != 0
     for i, param in enumerate(params):
         grad = grads[i]
         buf = momentum_buffers[i] if use_momentum else None
-        if not covers(param, grad, buf, master_params[i], math_dtype=math_dtype,
-                      stochastic_rounding=stochastic_rounding):
+        if not covers(param, grad, buf, master_params[i], options):
             rest.append(i)
             continue
-        dtype = param.dtype
-        batch = batches.get(dtype)
+        batch = batches.get(param.dtype)
         if batch is None:
-            batch = batches[dtype] = _Batch()
+            batch = batches[param.dtype] = _Batch()
+        batch.indices.append(i)
         batch.params.append(param)
         batch.grads.append(grad)
         if use_momentum:
             batch.buffers.append(buf)
 
-    hyper = [
-        0.0 if isinstance(lr, Tensor) else float(lr),
-        weight_decay, momentum, eta, epsilon, rescale_grad,
-        math.inf if clip_gradient is None else clip_gradient,
-    ]
-    flags = [
-        int(adapt), int(nesterov), int(trust_norm == "update"), int(trust_clip), int(maximize),
-        _FORMS[momentum_form] if use_momentum else 0,
-    ]
-    lr_tensor = lr if isinstance(lr, Tensor) else None
-    compiling = torch.compiler.is_compiling()
-    for batch in batches.values():
-        if compiling:
-            _lars_cpu_step(batch.params, batch.grads, batch.buffers, lr_tensor, grad_scale, found_inf, hyper, flags)
-            continue
-        _call(batch.params, batch.grads, batch.buffers, lr_tensor, grad_scale, found_inf, hyper, flags)
-        # The kernel wrote through raw pointers: bump the version counters as an in-place op
-        # would, so autograd still detects a param saved for backward and changed by the step.
-        torch.autograd.graph.increment_version(batch.params)
-        if use_momentum:
-            torch.autograd.graph.increment_version(batch.buffers)
+    if reduce_sums is None or not options.adapt:
+        for batch in batches.values():
+            rows = None if stats is None else torch.empty(len(batch.params), 3, dtype=torch.float32)
+            batch.run(options, _WHOLE, grad_scale, found_inf, stats_out=rows)
+            if stats is not None:
+                stats[batch.indices] = rows.to(stats.device)
+        return rest
+
+    ordered = list(batches.values())
+    sums = [torch.zeros(len(batch.params), 3, dtype=SUMS_DTYPE) for batch in ordered]
+    for batch, batch_sums in zip(ordered, sums):
+        batch.run(options, _NORMS, grad_scale, found_inf, sums_out=batch_sums)
+    reduced = reduce_sums(torch.cat(sums)) if ordered else None
+    for batch, batch_sums in zip(ordered, reduced.split([len(batch.params) for batch in ordered]) if ordered else ()):
+        lam = ratios_from_sums(batch_sums, options, compute_dtype(batch.params[0].dtype))
+        batch.run(options, _UPDATE, grad_scale, found_inf, trust_in=lam.to(SUMS_DTYPE).contiguous())
+        if stats is not None:
+            stats[batch.indices] = stats_rows(batch_sums, lam).to(stats.device)
     return rest

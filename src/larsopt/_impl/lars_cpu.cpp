@@ -194,15 +194,71 @@ T* buffer(void* const* buffers, int64_t t) {
   return buffers != nullptr ? static_cast<T*>(buffers[t]) : nullptr;
 }
 
+}  // namespace
+
+// The kernel's arguments, by name; mirrored field for field by fused_cpu._KernelArgs (ctypes),
+// whose size is checked against larsopt_kernel_args_size() when the library is loaded.
+struct LarsKernelArgs {
+  int64_t count;              // tensors, all of one dtype
+  void* const* params;        // count pointers
+  void* const* grads;         // count pointers
+  void* const* buffers;       // count pointers, or null without momentum
+  const int64_t* numels;      // count element counts
+  const void* lr_tensor;      // 0-d tensors read at call time (null: absent), kinds 1 float32, 2 float64
+  const void* grad_scale_tensor;
+  const void* found_inf_tensor;
+  double* sums_out;           // phase kNorms: count x 3 sums of squares (|w|^2, |g|^2, |g + wd w|^2)
+  const double* trust_in;     // phase kUpdate: count trust ratios
+  float* stats_out;           // phase kWhole, optional (null): count x 3 (|w|, |g|, lam)
+  double lr;                  // used when lr_tensor is null
+  double weight_decay;
+  double momentum;
+  double eta;
+  double epsilon;
+  double rescale_grad;
+  double clip_gradient;       // +inf: off
+  int32_t dtype;              // 0 float32, 1 float64, 2 bfloat16
+  int32_t lr_kind;
+  int32_t grad_scale_kind;
+  int32_t found_inf_kind;
+  int32_t phase;              // 0 whole step, 1 norms only, 2 update with given trust ratios
+  int32_t adapt;
+  int32_t nesterov;
+  int32_t trust_update;       // trust_norm == "update"
+  int32_t trust_clip;
+  int32_t maximize;
+  int32_t momentum_form;      // 0 no momentum, 1 paper, 2 torch
+  int32_t threads;
+};
+
+namespace {
+
+enum Phase : int { kWhole = 0, kNorms = 1, kUpdate = 2 };
+
 template <typename T>
-void step(int64_t count, void* const* params, void* const* grads, void* const* buffers, const int64_t* numels,
-          const Hyper& h, int threads) {
+void step(const LarsKernelArgs& a, const Hyper& h) {
   using D = typename Compute<T>::type;
+  const int threads = a.threads < 1 ? 1 : a.threads;
+  const int64_t count = a.count;
+  const int64_t* numels = a.numels;
   const UpdateFn<T> update = pick_update<T>(h);
+  const bool norms = h.adapt && a.phase != kUpdate;
   std::vector<int64_t> whole, cooperative;
   for (int64_t t = 0; t < count; ++t) (numels[t] < kCooperativeNumel || threads == 1 ? whole : cooperative).push_back(t);
   // Per-thread partial sums of squares of the cooperative tensors, three per (tensor, thread).
   std::vector<double> partial(cooperative.size() * threads * 3, 0.0);
+
+  // One tensor's trust ratio from its sums (or as given), and what the step reports of it.
+  auto ratio = [&](int64_t t, const double* totals, bool report) -> D {
+    if (a.phase == kUpdate) return h.adapt ? D(a.trust_in[t]) : D(1);
+    const D lam = trust_ratio<D>(totals, h);
+    if (report && a.stats_out != nullptr) {
+      a.stats_out[3 * t] = h.adapt ? float(std::sqrt(totals[0])) : NAN;
+      a.stats_out[3 * t + 1] = h.adapt ? float(std::sqrt(totals[1])) : NAN;
+      a.stats_out[3 * t + 2] = float(lam);
+    }
+    return lam;
+  };
 
 #pragma omp parallel num_threads(threads)
   {
@@ -211,11 +267,15 @@ void step(int64_t count, void* const* params, void* const* grads, void* const* b
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t k = 0; k < static_cast<int64_t>(whole.size()); ++k) {
       const int64_t t = whole[k];
-      T* w = static_cast<T*>(params[t]);
-      const T* g = static_cast<const T*>(grads[t]);
+      T* w = static_cast<T*>(a.params[t]);
+      const T* g = static_cast<const T*>(a.grads[t]);
       double totals[3] = {0, 0, 0};
-      if (h.adapt) sums(w, g, 0, numels[t], h, totals);
-      update(w, g, buffer<T>(buffers, t), 0, numels[t], trust_ratio<D>(totals, h), h);
+      if (norms) sums(w, g, 0, numels[t], h, totals);
+      if (a.phase == kNorms) {
+        for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
+      } else {
+        update(w, g, buffer<T>(a.buffers, t), 0, numels[t], ratio(t, totals, true), h);
+      }
     }
     for (size_t k = 0; k < cooperative.size(); ++k) {
       const int64_t t = cooperative[k], n = numels[t];
@@ -223,9 +283,9 @@ void step(int64_t count, void* const* params, void* const* grads, void* const* b
       const int64_t per_thread = ((n + nthreads - 1) / nthreads + 15) / 16 * 16;
       const int64_t begin = tid * per_thread < n ? tid * per_thread : n;
       const int64_t end = begin + per_thread < n ? begin + per_thread : n;
-      T* w = static_cast<T*>(params[t]);
-      const T* g = static_cast<const T*>(grads[t]);
-      if (h.adapt) {
+      T* w = static_cast<T*>(a.params[t]);
+      const T* g = static_cast<const T*>(a.grads[t]);
+      if (norms) {
         sums(w, g, begin, end, h, &partial[(k * threads + tid) * 3]);
 #pragma omp barrier
       }
@@ -233,7 +293,13 @@ void step(int64_t count, void* const* params, void* const* grads, void* const* b
       for (int other = 0; other < nthreads; ++other) {  // same order in every thread: same lam
         for (int j = 0; j < 3; ++j) totals[j] += partial[(k * threads + other) * 3 + j];
       }
-      update(w, g, buffer<T>(buffers, t), begin, end, trust_ratio<D>(totals, h), h);
+      if (a.phase == kNorms) {
+        if (tid == 0) {
+          for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
+        }
+        continue;
+      }
+      update(w, g, buffer<T>(a.buffers, t), begin, end, ratio(t, totals, tid == 0), h);
     }
   }
 }
@@ -246,41 +312,36 @@ double read_scalar(const void* ptr, int kind, double fallback) {
 
 }  // namespace
 
-// dtype: 0 float32, 1 float64, 2 bfloat16. hyper: lr, weight_decay, momentum, eta, epsilon,
-// rescale_grad, clip_gradient (inf: off). flags: adapt, nesterov, trust_norm == "update",
-// trust_clip, maximize, momentum form (0 none, 1 paper, 2 torch). lr, grad_scale and found_inf
-// may be read from 0-d tensors (kind 1 float32, 2 float64, 0 absent) at call time, which is how a
-// tensor lr changes every step without the caller converting it to a Python number.
-// Returns 0, or 1 when found_inf > 0 (nothing written, as AMP's skipped step).
-extern "C" int larsopt_lars_step(int dtype, int64_t count, void* const* params, void* const* grads,
-                                 void* const* buffers, const int64_t* numels, const double* hyper,
-                                 const int32_t* flags, const void* lr_ptr, int lr_kind, const void* scale_ptr,
-                                 int scale_kind, const void* found_inf_ptr, int found_inf_kind, int threads) {
-  if (found_inf_kind != 0 && read_scalar(found_inf_ptr, found_inf_kind, 0.0) > 0) return 1;
+extern "C" int64_t larsopt_kernel_args_size() { return static_cast<int64_t>(sizeof(LarsKernelArgs)); }
+
+// One phase (or the whole) of a LARS step over the tensors of `args`. Returns 0, or 1 when
+// found_inf > 0 (nothing written, as AMP's skipped step).
+extern "C" int larsopt_lars_step(const LarsKernelArgs* args) {
+  const LarsKernelArgs& a = *args;
+  if (a.found_inf_kind != 0 && read_scalar(a.found_inf_tensor, a.found_inf_kind, 0.0) > 0) return 1;
   Hyper h;
-  h.lr = read_scalar(lr_ptr, lr_kind, hyper[0]);
-  h.weight_decay = hyper[1];
-  h.momentum = hyper[2];
-  h.eta = hyper[3];
-  h.epsilon = hyper[4];
-  h.rescale = hyper[5];
-  h.clip = hyper[6];
-  h.has_scale = scale_kind != 0;
-  h.grad_scale = read_scalar(scale_ptr, scale_kind, 1.0);
-  h.adapt = flags[0] != 0;
-  h.nesterov = flags[1] != 0;
-  h.trust_update = flags[2] != 0;
-  h.trust_clip = flags[3] != 0;
-  h.maximize = flags[4] != 0;
-  h.form = flags[5];
+  h.lr = read_scalar(a.lr_tensor, a.lr_kind, a.lr);
+  h.weight_decay = a.weight_decay;
+  h.momentum = a.momentum;
+  h.eta = a.eta;
+  h.epsilon = a.epsilon;
+  h.rescale = a.rescale_grad;
+  h.clip = a.clip_gradient;
+  h.has_scale = a.grad_scale_kind != 0;
+  h.grad_scale = read_scalar(a.grad_scale_tensor, a.grad_scale_kind, 1.0);
+  h.adapt = a.adapt != 0;
+  h.nesterov = a.nesterov != 0;
+  h.trust_update = a.trust_update != 0;
+  h.trust_clip = a.trust_clip != 0;
+  h.maximize = a.maximize != 0;
+  h.form = a.momentum_form;
   h.has_wd = h.weight_decay != 0;
-  if (threads < 1) threads = 1;
-  if (dtype == 0) {
-    step<float>(count, params, grads, buffers, numels, h, threads);
-  } else if (dtype == 1) {
-    step<double>(count, params, grads, buffers, numels, h, threads);
+  if (a.dtype == 0) {
+    step<float>(a, h);
+  } else if (a.dtype == 1) {
+    step<double>(a, h);
   } else {
-    step<BFloat16>(count, params, grads, buffers, numels, h, threads);
+    step<BFloat16>(a, h);
   }
   return 0;
 }
