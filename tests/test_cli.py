@@ -211,7 +211,8 @@ def write_npz(path: Path, shape: tuple[int, ...], **overrides: np.ndarray | None
 def write_cifar(folder: Path, train_images: int = 30, test_images: int = 10) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     generator = np.random.default_rng(0)
-    for name, count in (("data_batch_1", train_images), ("data_batch_2", train_images), ("test_batch", test_images)):
+    names = [(f"data_batch_{index}", train_images) for index in range(1, 6)] + [("test_batch", test_images)]
+    for name, count in names:
         batch = {b"data": generator.integers(0, 256, size=(count, 3072), dtype=np.uint8),
                  b"labels": [int(label) for label in generator.integers(0, 10, size=count)]}
         with (folder / name).open("wb") as file:
@@ -240,7 +241,7 @@ def test_cifar10_loader_trains(tmp_path: Path, nested: bool) -> None:
                  "--quiet", "--threads", "1", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["input_shape"] == [3, 32, 32]
-    assert (summary["data"]["train_samples"], summary["data"]["test_samples"]) == (60, 10)
+    assert (summary["data"]["train_samples"], summary["data"]["test_samples"]) == (150, 10)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -291,7 +292,7 @@ def test_logged_trust_ratio_is_the_optimizers() -> None:
 
 def test_compare_writes_table_json_and_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "compare"
-    assert main(["compare", "--data", "synthetic:200", "--batch-sizes", "16,64", "--epochs", "2", "--quiet",
+    assert main(["compare", "--data", "synthetic:200", "--batch-sizes", "16,64", "--epochs", "2",
                  "--threads", "1", "--out", str(out)]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert {(run["optimizer"], run["batch_size"]) for run in report["runs"]} == {

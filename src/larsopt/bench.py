@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -43,6 +43,7 @@ from larsopt._impl import fused_cpu
 
 LR, MOMENTUM, WEIGHT_DECAY, TRUST, EPS = 0.1, 0.9, 5e-5, 0.001, 1e-8
 PARAM_SETS = ("resnet50", "bert", "small")
+DTYPES = ("float32", "bfloat16")
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -256,46 +257,103 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print one table per parameter set. Returns the exit status."""
-    parser = argparse.ArgumentParser(prog="larsopt bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default=",".join(PARAM_SETS),
+def _json_path(text: str) -> Path:
+    """``--json FILE``: checked before the benchmark runs, so that minutes of measurement are
+    not lost to a typo in the folder."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} is not writable")
+    return path
+
+
+def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"expected comma-separated names among {', '.join(allowed)}, "
+                                             f"got {text!r}")
+        return names
+
+    return parse
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``larsopt bench``'s options: one-line errors, names typed in full (as ``larsopt train``)."""
+    from larsopt.cli.options import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="larsopt bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", type=_names(PARAM_SETS), default=list(PARAM_SETS),
                         help=f"comma-separated parameter sets among {', '.join(PARAM_SETS)} (default: all)")
-    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16 (default float32)")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per row (default 60; BERT uses a quarter)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    args = parser.parse_args(argv)
-    sets = [name.strip() for name in args.sets.split(",") if name.strip()]
-    dtypes = [name.strip() for name in args.dtypes.split(",") if name.strip()]
-    unknown = [name for name in sets if name not in PARAM_SETS] + [
-        name for name in dtypes if name not in ("float32", "bfloat16")]
-    if unknown or args.steps < 4:
-        parser.error(f"unknown set or dtype {unknown}" if unknown else "--steps must be at least 4")
+    parser.add_argument("--dtypes", type=_names(DTYPES), default=["float32"],
+                        help=f"comma-separated among {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument("--steps", type=_at_least(4), default=60,
+                        help="timed steps per row, at least 4 (default 60; BERT uses a quarter)")
+    parser.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", metavar="FILE", type=_json_path, help="also write the results as JSON to FILE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print one table per parameter set. Returns the exit status (2 for
+    bad arguments, with one line on stderr)."""
+    from larsopt.cli import outputs
+    from larsopt.cli.errors import USAGE_EXIT_CODE, UsageError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(f"larsopt: error: {error}", file=sys.stderr)
+        return USAGE_EXIT_CODE
     if args.threads:
         torch.set_num_threads(args.threads)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    # Other programs on a shared machine slow every row alike (the rows are interleaved), but the
+    # absolute times with them: the load before and after says how busy the machine was.
+    load_before = os.getloadavg()
     start = time.perf_counter()
     kernel = fused_cpu.load()
     kernel_note = (f"fused CPU kernel ready in {time.perf_counter() - start:.2f} s (built, or loaded from the disk cache)"
                    if kernel is not None else f"fused CPU kernel unavailable: {fused_cpu.unavailable_reason()}")
-    print(kernel_note + "\n", flush=True)
+    print(kernel_note + f"; load average {load_before[0]:.2f}\n", flush=True)
     results = []
     with torch.no_grad():
-        for set_name in sets:
-            for dtype_name in dtypes:
+        for set_name in args.sets:
+            for dtype_name in args.dtypes:
                 large = set_name == "bert"
                 result = run_set(set_name, getattr(torch, dtype_name),
                                  steps=max(4, args.steps // 4) if large else args.steps,
                                  block=3 if large else 5, warmup=2 if large else 3, log=log)
                 results.append(result)
                 print(format_table(result) + "\n", flush=True)
+    load_after = os.getloadavg()
+    print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; {os.cpu_count()} CPUs",
+          flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                               "fused_kernel": kernel_note, "results": results}, indent=1))
+        outputs.write_json(args.json, {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                       "fused_kernel": kernel_note, "cpus": os.cpu_count(),
+                                       "load_average": {"before": list(load_before), "after": list(load_after)},
+                                       "results": results})
     return 0
 
 

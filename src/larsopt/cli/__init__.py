@@ -1,20 +1,21 @@
 """The ``larsopt`` command: ``larsopt train``, ``larsopt compare``, ``larsopt bench``.
 
 ``main`` returns the exit code: 0 done, 2 bad input (one line on stderr, nothing written),
-130 stopped by Ctrl-C (``train`` saves a checkpoint first).
+3 the run diverged (a loss that is not finite), 4 an output file could not be written, 130
+stopped by Ctrl-C and 143 by SIGTERM (``train`` saves a checkpoint first).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
-from larsopt.cli.errors import UsageError
+from larsopt.cli.errors import OUTPUT_EXIT_CODE, USAGE_EXIT_CODE, OutputError, UsageError
 
 __all__ = ["main", "UsageError"]
 
-USAGE_EXIT_CODE = 2
-INTERRUPTED_EXIT_CODE = 130
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
 def _bench(argv: list[str]) -> int:
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"larsopt: error: {error}", file=sys.stderr)
         return USAGE_EXIT_CODE
-    except KeyboardInterrupt:
+    except OutputError as error:
+        print(f"larsopt: error: {error}", file=sys.stderr)
+        return OUTPUT_EXIT_CODE
+    except KeyboardInterrupt as error:
         print("larsopt: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+        return getattr(error, "exit_code", INTERRUPTED_EXIT_CODE)

@@ -5,23 +5,36 @@ exclusions, label smoothing); only the optimizer and its learning rate differ: L
 peak lr at every batch size, SGD follows the linear scaling rule (lr 0.1 * batch / 256) with the
 same warm-up (Goyal et al. 2017). Each point is the mean over three seeds (``--seed`` and the two
 after it): on digits one test image is 0.28 points of accuracy, about the gap being measured.
+
+Every finished run is written to ``compare.json`` at once, so an interrupted compare keeps what it
+has done and ``--resume`` runs only the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from larsopt.cli import data, models, outputs, plots
-from larsopt.cli.options import COMPARE_DEFAULTS, DEFAULT_LR, DEFAULTS, batch_size_list
+import torch
+
+from larsopt.cli import data, outputs, plots
+from larsopt.cli.config import DEFAULT_LR, OPTIMIZERS, SEED_LIMIT, RunConfig, compare_defaults
+from larsopt.cli.errors import UsageError
+from larsopt.cli.options import COMPARE_BATCH_SIZES, COMPARE_SEEDS
 from larsopt.cli.progress import Progress
-from larsopt.cli.train import given_options, resolve_runtime, versions
-from larsopt.cli.training import OPTIMIZERS, RunConfig, StopRequest, Trainer
+from larsopt.cli.train import given_options, print_warnings, resolve, versions
+from larsopt.cli.training import COMPLETED, STOPPED, StopRequest, Trainer
 
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
+COMPARE_FILES = (COMPARE_JSON, COMPARE_PNG)
+# The settings that differ between the runs of one compare.
+_PER_RUN = ("optimizer", "batch_size", "lr", "seed")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -42,68 +55,136 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _point(optimizer: str, size: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point of the table: the runs of every seed at one optimizer and batch size."""
+    accuracies = [run["final_test_accuracy"] for run in runs]
+    return {
+        "optimizer": optimizer, "batch_size": size, "steps": runs[0]["steps"], "peak_lr": runs[0]["peak_lr"],
+        "seeds": [run["seed"] for run in runs],
+        "final_test_accuracy": statistics.mean(accuracies),
+        "final_test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "final_test_accuracy_per_seed": accuracies,
+        "best_test_accuracy_per_seed": [run["best_test_accuracy"] for run in runs],
+        "final_train_loss_per_seed": [run["final_train_loss"] for run in runs],
+        "test_accuracy_per_epoch_per_seed": [run["test_accuracy_per_epoch"] for run in runs],
+        "diverged_seeds": [run["seed"] for run in runs if run["status"] != COMPLETED],
+        # The fastest seed: on a shared machine the others measure the neighbours too.
+        "wall_time_s": min(run["wall_time_s"] for run in runs),
+        "wall_time_s_per_seed": [run["wall_time_s"] for run in runs],
+    }
+
+
+def _plan(args: argparse.Namespace) -> tuple[RunConfig, list[int], list[int], dict[str, Any] | None]:
+    """The common settings, batch sizes, seeds and (with ``--resume``) the saved report."""
+    given = given_options(args, "compare")
+    if not args.resume:
+        base = resolve(RunConfig(**{**compare_defaults(), **given}))
+        print_warnings(base)
+        sizes = args.batch_sizes or list(COMPARE_BATCH_SIZES)
+        return base, sizes, [base.seed + offset for offset in range(COMPARE_SEEDS)], None
+    if args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: choose one")
+    if args.out is None:
+        raise UsageError("--resume needs --out FOLDER, the folder of the compare to continue")
+    path = Path(args.out) / COMPARE_JSON
+    try:
+        report = json.loads(path.read_text())
+        base = resolve(RunConfig.from_saved({**report["settings"], "seed": report["seeds"][0]}))
+        sizes, seeds = [int(size) for size in report["batch_sizes"]], [int(seed) for seed in report["seeds"]]
+    except FileNotFoundError:
+        raise UsageError(f"--resume: no {COMPARE_JSON} in {args.out}") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise UsageError(f"--resume: {path} is not a larsopt compare report ({type(error).__name__})") from None
+    typed = resolve(dataclasses.replace(base, **given))
+    for name in given:
+        if getattr(typed, name) != getattr(base, name):
+            raise UsageError(f"--resume: --{name.replace('_', '-')} {getattr(typed, name)} differs from the saved "
+                             f"{getattr(base, name)}; leave it out to resume with the saved settings")
+    if args.batch_sizes is not None and args.batch_sizes != sizes:
+        raise UsageError(f"--resume: --batch-sizes {','.join(map(str, args.batch_sizes))} differs from the saved "
+                         f"{','.join(map(str, sizes))}")
+    return base, sizes, seeds, report
+
+
 def command(args: argparse.Namespace) -> int:
     """Run ``larsopt compare``; returns the exit code."""
-    runtime = resolve_runtime(args)
-    settings = {**DEFAULTS, **{"epochs": COMPARE_DEFAULTS["epochs"]}, **given_options(args)}
-    batch_sizes = args.batch_sizes or batch_size_list(COMPARE_DEFAULTS["batch_sizes"])
-    seeds = [settings["seed"] + offset for offset in range(COMPARE_DEFAULTS["seeds"])]
-    folder = Path(args.out) if args.out is not None else outputs.default_run_folder(
-        f"compare-{settings['data'].partition(':')[0]}-{settings['model']}")
-    outputs.check_new_output(folder, args.overwrite, (COMPARE_JSON, COMPARE_PNG))
+    base, sizes, seeds, report = _plan(args)
+    if seeds[-1] >= SEED_LIMIT:
+        raise UsageError(f"--seed {seeds[0]}: compare uses seeds {seeds[0]}..{seeds[-1]}, which must be below 2^64")
+    folder = None if args.out is None else Path(args.out)
+    if folder is not None and report is None:
+        outputs.check_new_output(folder, args.overwrite, COMPARE_FILES)
+    torch.set_num_threads(base.threads)
     plots.require_matplotlib()
-    dataset = data.load(settings["data"])
-    # Building the model once first turns a model/data mismatch into an error before any folder exists.
-    models.build(settings["model"], dataset.input_shape, dataset.num_classes)
-    outputs.prepare_output(folder, (COMPARE_JSON, COMPARE_PNG))
+    dataset = data.load(base.data, base.image_size)
+    too_large = [size for size in sizes if size > len(dataset.x_train)]
+    if too_large:
+        raise UsageError(f"--batch-sizes: {', '.join(map(str, too_large))} larger than the training set of "
+                         f"{dataset.name} ({len(dataset.x_train)} samples)")
+    plan = [(optimizer, size, seed) for size in sizes for optimizer in OPTIMIZERS for seed in seeds]
+    configs = {key: dataclasses.replace(base, optimizer=key[0], batch_size=key[1], seed=key[2],
+                                        lr=DEFAULT_LR[key[0]]) for key in plan}
+    # Building the first run checks the model against the data before any folder exists.
+    Trainer(configs[plan[0]], dataset)
+    done = {} if report is None else {(run["optimizer"], run["batch_size"], run["seed"]): run
+                                      for run in report["seed_runs"]}
+    common = {key: value for key, value in dataclasses.asdict(base).items() if key not in _PER_RUN}
+    label = f"compare-{base.data_kind}-{base.model.replace(':', '.')}"
+    with outputs.claim(folder, label=label, files=COMPARE_FILES, resume=report is not None,
+                       overwrite=args.overwrite) as out:
+        def save() -> list[dict[str, Any]]:
+            points = [_point(optimizer, size, [done[(optimizer, size, seed)] for seed in seeds])
+                      for size in sizes for optimizer in OPTIMIZERS
+                      if all((optimizer, size, seed) in done for seed in seeds)]
+            outputs.write_json(out.path(COMPARE_JSON), {
+                "settings": common, "seeds": seeds, "batch_sizes": sizes,
+                "lr": {"lars": DEFAULT_LR["lars"], "sgd_per_256": DEFAULT_LR["sgd"]},
+                "complete": len(done) == len(plan), "runs": points,
+                "seed_runs": [done[key] for key in plan if key in done],
+                "device": base.device, "threads": base.threads, "versions": versions()})
+            out.commit()
+            return points
 
-    rows: list[dict[str, Any]] = []
-    stop = StopRequest()
-    with stop.installed():
-        for size in batch_sizes:
-            for optimizer in OPTIMIZERS:
-                results = []
-                for seed in seeds:
-                    config = RunConfig(**{**settings, "optimizer": optimizer, "batch_size": size,
-                                          "lr": DEFAULT_LR[optimizer], "seed": seed})
-                    trainer = Trainer(config, dataset, runtime)
-                    label = f"{optimizer.upper()} batch {size} seed {seed}"
-                    progress = Progress(trainer.total_steps, 0, config.epochs, quiet=args.quiet, label=label)
-                    try:
-                        completed = trainer.run(
-                            stop, on_step=lambda loss, accuracy: progress.step(loss, accuracy, size),
-                            on_epoch=lambda row: None, on_checkpoint=None)
-                    finally:
-                        progress.close()
-                    if not completed:
-                        raise KeyboardInterrupt
-                    results.append(trainer.result(interrupted=False))
-                accuracies = [result.final_test_accuracy for result in results]
-                rows.append({
-                    "optimizer": optimizer, "batch_size": size, "steps": trainer.total_steps,
-                    "peak_lr": config.peak_lr, "seeds": seeds,
-                    "final_test_accuracy": statistics.mean(accuracies),
-                    "final_test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                    "final_test_accuracy_per_seed": accuracies,
-                    "best_test_accuracy_per_seed": [result.best["test_accuracy"] for result in results],
-                    "final_train_loss_per_seed": [result.metrics[-1]["train_loss"] for result in results],
-                    # The fastest seed: on a shared machine the others measure the neighbours too.
-                    "wall_time_s": min(result.wall_time_s for result in results),
-                    "wall_time_s_per_seed": [result.wall_time_s for result in results],
-                })
-                if not args.quiet:
+        stop = StopRequest()
+        with stop.installed():
+            for key in plan:
+                if key in done:
+                    continue
+                optimizer, size, seed = key
+                trainer = Trainer(configs[key], dataset)
+                progress = Progress(trainer.total_steps, 0, base.epochs, quiet=args.quiet,
+                                    label=f"{optimizer.upper()} batch {size} seed {seed}")
+                try:
+                    status = trainer.run(stop, on_step=progress.step, on_epoch=lambda row: None, on_checkpoint=None)
+                finally:
+                    progress.close()
+                if status == STOPPED:
+                    if done:
+                        save()
+                    print(f"stopped; {len(done)} of {len(plan)} runs are in {out.path(COMPARE_JSON)}. Continue "
+                          f"with: larsopt compare --out {out.folder} --resume")
+                    return stop.exit_code
+                result = trainer.result(status)
+                done[key] = {
+                    "optimizer": optimizer, "batch_size": size, "seed": seed, "status": status,
+                    "peak_lr": configs[key].peak_lr, "steps": trainer.total_steps,
+                    "final_test_accuracy": result.final_test_accuracy,
+                    "best_test_accuracy": result.best["test_accuracy"],
+                    "final_train_loss": result.metrics[-1]["train_loss"],
+                    "test_accuracy_per_epoch": [row["test_accuracy"] for row in result.metrics],
+                    "wall_time_s": result.wall_time_s,
+                }
+                points = save()
+                if not args.quiet and seed == seeds[-1]:
+                    point = points[-1]
                     print(f"{optimizer.upper():<4} batch {size:<6} test accuracy "
-                          f"{' '.join(f'{accuracy:.4f}' for accuracy in accuracies)}  peak lr {config.peak_lr:.4g}",
-                          flush=True)
-
-    common = {key: value for key, value in settings.items() if key not in ("optimizer", "batch_size", "lr", "seed")}
-    outputs.write_json(folder / COMPARE_JSON, {
-        "settings": common, "seeds": seeds, "lr": {"lars": DEFAULT_LR["lars"], "sgd_per_256": DEFAULT_LR["sgd"]},
-        "batch_sizes": batch_sizes, "runs": rows, "device": str(runtime.device), "threads": runtime.threads,
-        "versions": versions()})
-    plots.compare(folder / COMPARE_PNG, rows,
-                  f"LARS (lr {DEFAULT_LR['lars']:g}) vs SGD (lr 0.1 x batch/256), {settings['model']} on "
-                  f"{dataset.name}, {settings['epochs']} epochs, {len(seeds)} seeds")
-    print(table(rows))
-    print(f"outputs in {folder}")
+                          f"{' '.join(f'{accuracy:.4f}' for accuracy in point['final_test_accuracy_per_seed'])}  "
+                          f"peak lr {point['peak_lr']:.4g}", flush=True)
+        points = save()
+        plots.compare(out.path(COMPARE_PNG), points,
+                      f"LARS (lr {DEFAULT_LR['lars']:g}) vs SGD (lr 0.1 x batch/256), {base.model} on "
+                      f"{dataset.name}, {base.epochs} epochs, {len(seeds)} seeds")
+    if not args.quiet:
+        print(table(points))
+    print(f"outputs in {out.folder}")
     return 0

@@ -1,12 +1,16 @@
 """Models for ``larsopt train``: ``mlp``, ``cnn`` and ``resnet`` (with batch norm), sized for
-small images (8x8 digits up to 32x32 CIFAR-10) and a CPU."""
+small images (8x8 digits up to 32x32 CIFAR-10) and a CPU, or ``module:callable``, the user's own."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from larsopt.cli.errors import UsageError
@@ -88,8 +92,62 @@ def _image_channels(input_shape: tuple[int, ...], model: str) -> int:
 MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
 
 
+def _user_model(spec: str) -> Callable[..., object]:
+    """The callable named by ``module:callable`` (a dotted attribute path after the colon),
+    imported with the current folder on the import path, as ``python -m`` would have it."""
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"--model {spec}: cannot import {module_name} ({error})") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"--model {spec}: {module_name} has no attribute {attribute}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UsageError(f"--model {spec}: {attribute} is not callable")
+    return target
+
+
 def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The model ``name`` (one of :data:`MODELS`) for samples of ``input_shape``."""
-    if name not in MODELS:
-        raise UsageError(f"--model {name!r}: unknown model; expected one of {', '.join(MODELS)}")
-    return MODELS[name](input_shape, num_classes)
+    """The model ``name`` (one of :data:`MODELS`, or ``module:callable`` called as
+    ``callable(input_shape, num_classes)``) for samples of ``input_shape``."""
+    if name in MODELS:
+        return MODELS[name](input_shape, num_classes)
+    if ":" not in name:
+        raise UsageError(f"--model {name!r}: unknown model; expected one of {', '.join(MODELS)} or module:callable")
+    make = _user_model(name)
+    try:
+        model = make(input_shape, num_classes)
+    except Exception as error:  # the user's code: any failure is theirs to read, in one line
+        raise UsageError(f"--model {name}: calling it with input_shape={input_shape}, num_classes={num_classes} "
+                         f"failed ({type(error).__name__}: {_first_line(error)})") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {name}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+@torch.no_grad()
+def check_fits(model: nn.Module, name: str, samples: Tensor, num_classes: int) -> None:
+    """Run ``model`` on a couple of training samples in eval mode (no statistics, no randomness
+    change) so that a model the data does not fit fails before any file is written."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(samples)
+    except Exception as error:  # shape errors come as RuntimeError, ValueError, IndexError...
+        raise UsageError(f"--model {name} does not fit samples of shape {tuple(samples.shape[1:])} "
+                         f"({type(error).__name__}: {_first_line(error)})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, Tensor) or tuple(logits.shape) != (len(samples), num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise UsageError(f"--model {name}: returns {shape} for a batch of {len(samples)}; expected logits of "
+                         f"shape ({len(samples)}, {num_classes})")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"

@@ -26,6 +26,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stdout
         self.started = time.perf_counter()
         self.steps_at_start = done_steps
+        self.samples = 0
         self.bar: Any = None
         if not quiet and sys.stderr.isatty():
             try:
@@ -36,13 +37,15 @@ class Progress:
                 self.bar = tqdm(total=total_steps, initial=done_steps, desc=label or "train", unit="step",
                                 dynamic_ncols=True, leave=True)
 
-    def step(self, loss: float, accuracy: float, batch_size: int) -> None:
-        """One optimisation step done."""
+    def step(self, loss: float, accuracy: float, samples: int) -> None:
+        """One optimisation step of ``samples`` samples done."""
         self.done_steps += 1
+        self.samples += samples
         if self.bar is not None:
-            rate = self.bar.format_dict.get("rate") or 0.0
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", samples_s=f"{rate * batch_size:.0f}",
-                                 refresh=False)
+            # Measured here over every step so far: tqdm's own rate is unknown (0) at first.
+            seconds = time.perf_counter() - self.started
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}",
+                                 samples_s=f"{self.samples / seconds:.0f}" if seconds > 0 else "-", refresh=False)
             self.bar.update(1)
 
     def epoch(self, row: dict[str, Any]) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import platform
-from dataclasses import asdict, fields
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,36 +13,36 @@ import numpy as np
 import torch
 
 import larsopt
-from larsopt.cli import INTERRUPTED_EXIT_CODE, data, outputs, plots
-from larsopt.cli.errors import UsageError
-from larsopt.cli.options import DEFAULT_LR, DEFAULTS
+from larsopt.cli import data, outputs, plots
+from larsopt.cli.config import RunConfig, changes_numbers, config_fields
+from larsopt.cli.errors import DIVERGED_EXIT_CODE, OutputError, UsageError
 from larsopt.cli.progress import Progress
-from larsopt.cli.training import RunConfig, RunResult, Runtime, StopRequest, Trainer
-
-CONFIG_FIELDS = tuple(field.name for field in fields(RunConfig))
+from larsopt.cli.training import COMPLETED, DIVERGED, STOPPED, RunResult, StopRequest, Trainer
 
 
-def given_options(args: argparse.Namespace) -> dict[str, Any]:
+def given_options(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """The run options the user typed (parsed with default None)."""
-    return {name: value for name, value in vars(args).items() if name in CONFIG_FIELDS and value is not None}
+    names = {spec.name for spec in config_fields(command)}
+    return {name: value for name, value in vars(args).items() if name in names and value is not None}
 
 
-def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """Typed options over the documented defaults."""
-    given = given_options(args)
-    optimizer = given.get("optimizer", DEFAULTS["optimizer"])
-    return RunConfig(**{**DEFAULTS, "lr": DEFAULT_LR[optimizer], **given})
-
-
-def resolve_runtime(args: argparse.Namespace) -> Runtime:
-    """Device and thread count; ``--device cuda`` without CUDA is an input error."""
-    if args.device == "cuda" and not torch.cuda.is_available():
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is an input error."""
+    if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: this torch build sees no CUDA device (use --device cpu or auto)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cuda" if args.device == "cuda" else "cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    return Runtime(device=device, threads=torch.get_num_threads())
+    return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """``config`` with its derived defaults filled in (see :meth:`RunConfig.resolved`) and checked."""
+    resolved = config.resolved(device=resolve_device(config.device), threads=config.threads or torch.get_num_threads())
+    resolved.check()
+    return resolved
+
+
+def print_warnings(config: RunConfig) -> None:
+    for warning in config.warnings():
+        print(f"larsopt: warning: {warning}", file=sys.stderr)
 
 
 def versions() -> dict[str, str]:
@@ -52,24 +52,36 @@ def versions() -> dict[str, str]:
 
 
 def _resume_config(args: argparse.Namespace, state: dict[str, Any]) -> RunConfig:
-    try:
-        config = RunConfig(**state["config"])
-    except (KeyError, TypeError):
-        raise UsageError("--resume: the checkpoint's settings are not those of this larsopt version") from None
-    for name, value in given_options(args).items():
-        if value != getattr(config, name):
+    """The saved settings, with the typed options that may change on resume: those that do not
+    change the numbers (``--checkpoint-every``), and ``--epochs`` (not below the epochs done)."""
+    if not isinstance(state.get("config"), dict):
+        raise UsageError("--resume: the checkpoint holds no settings")
+    saved = resolve(RunConfig.from_saved(state["config"]))
+    given = given_options(args, "train")
+    typed = resolve(dataclasses.replace(saved, **given))
+    changes = {}
+    for name in given:
+        value, kept = getattr(typed, name), getattr(saved, name)
+        if value == kept:
+            continue
+        if name == "epochs":
+            done = len(state.get("metrics", []))
+            if value < done:
+                raise UsageError(f"--resume: --epochs {value} is fewer than the {done} epochs this run has done")
+        elif changes_numbers(name):
             raise UsageError(f"--resume: --{name.replace('_', '-')} {value} differs from the checkpoint's "
-                             f"{getattr(config, name)}; leave it out to resume with the saved settings")
-    return config
+                             f"{kept}; leave it out to resume with the saved settings")
+        changes[name] = value
+    return resolve(dataclasses.replace(saved, **changes))
 
 
-def summary(config: RunConfig, dataset: data.Dataset, runtime: Runtime, trainer: Trainer,
-            result: RunResult) -> dict[str, Any]:
+def summary(config: RunConfig, dataset: data.Dataset, trainer: Trainer, result: RunResult) -> dict[str, Any]:
     """The content of summary.json."""
     best = result.best
     return {
-        "completed": not result.interrupted,
-        "config": {**asdict(config), "peak_lr": config.peak_lr},
+        "completed": result.status == COMPLETED,
+        "status": result.status,
+        "config": {**dataclasses.asdict(config), "peak_lr": config.peak_lr},
         "epochs_completed": len(result.metrics),
         "final_test_accuracy": result.final_test_accuracy,
         "best_test_accuracy": best.get("test_accuracy"),
@@ -81,78 +93,99 @@ def summary(config: RunConfig, dataset: data.Dataset, runtime: Runtime, trainer:
         "data": {"name": dataset.name, "train_samples": len(dataset.x_train), "test_samples": len(dataset.x_test),
                  "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes},
         "model_parameters": sum(param.numel() for param in trainer.model.parameters()),
-        "device": str(runtime.device),
-        "threads": runtime.threads,
+        "device": config.device,
+        "threads": config.threads,
         "versions": versions(),
     }
 
 
-def _write_pictures(folder: Path, config: RunConfig, result: RunResult) -> None:
-    title = (f"{config.model} on {config.data}, {config.optimizer.upper()}, batch {config.batch_size}, "
+def _write_pictures(out: outputs.OutputFolder, config: RunConfig, result: RunResult) -> None:
+    title = (f"{config.model} on {config.data_kind}, {config.optimizer.upper()}, batch {config.batch_size}, "
              f"peak lr {config.peak_lr:g}")
-    plots.curves(folder / outputs.CURVES, result.metrics, title)
-    plots.trust_heatmap(folder / outputs.TRUST, result.trust_names, result.trust_history,
+    plots.curves(out.path(outputs.CURVES), result.metrics, title)
+    plots.trust_heatmap(out.path(outputs.TRUST), result.trust_names, result.trust_history,
                         f"trust ratio eta*|w|/(|g|+wd*|w|) per layer"
                         f"{'' if config.optimizer == 'lars' else ' (what LARS would apply; SGD ignores it)'}")
 
 
-def command(args: argparse.Namespace) -> int:
-    """Run ``larsopt train``; returns the exit code."""
-    runtime = resolve_runtime(args)
-    state = None
-    if args.resume:
-        if args.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: choose one")
-        if args.out is None:
-            raise UsageError("--resume needs --out FOLDER, the folder of the run to continue")
-        folder = Path(args.out)
-        if not (folder / outputs.CHECKPOINT).is_file():
-            raise UsageError(f"--resume: no {outputs.CHECKPOINT} in {folder}")
-        state = outputs.load_checkpoint(folder / outputs.CHECKPOINT)
-        config = _resume_config(args, state)
-    else:
-        config = resolve_config(args)
-        folder = Path(args.out) if args.out is not None else outputs.default_run_folder(
-            f"{config.data.partition(':')[0]}-{config.model}-{config.optimizer}")
-        outputs.check_new_output(folder, args.overwrite, outputs.RUN_FILES)
-    plots.require_matplotlib()
-    dataset = data.load(config.data)
-    trainer = Trainer(config, dataset, runtime)
-    if state is not None:
-        trainer.load_state_dict(state)
-    else:
-        outputs.prepare_output(folder, outputs.RUN_FILES)
+def _train(out: outputs.OutputFolder, args: argparse.Namespace, config: RunConfig, dataset: data.Dataset,
+           trainer: Trainer) -> int:
+    folder = out.folder
     # A resumed run drops any rows logged after its checkpoint: they will be recomputed.
-    outputs.write_jsonl(folder / outputs.METRICS, trainer.metrics)
-
+    outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
     progress = Progress(trainer.total_steps, trainer.global_step, config.epochs, args.quiet)
 
     def on_epoch(row: dict[str, Any]) -> None:
-        outputs.write_jsonl(folder / outputs.METRICS, trainer.metrics)
+        outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
         progress.epoch(row)
+
+    def on_checkpoint() -> None:
+        outputs.save_checkpoint(out.path(outputs.CHECKPOINT), trainer.state_dict())
+        out.commit()
 
     stop = StopRequest()
     try:
         with stop.installed():
-            completed = trainer.run(
-                stop,
-                on_step=lambda loss, accuracy: progress.step(loss, accuracy, config.batch_size),
-                on_epoch=on_epoch,
-                on_checkpoint=lambda: outputs.save_checkpoint(folder / outputs.CHECKPOINT, trainer.state_dict()))
+            status = trainer.run(stop, on_step=progress.step, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
     finally:
         progress.close()
-    result = trainer.result(interrupted=not completed)
-    outputs.write_json(folder / outputs.SUMMARY, summary(config, dataset, runtime, trainer, result))
+    result = trainer.result(status)
+    outputs.write_json(out.path(outputs.SUMMARY), summary(config, dataset, trainer, result))
     if result.metrics:
-        _write_pictures(folder, config, result)
-    if not completed:
+        _write_pictures(out, config, result)
+    if status == STOPPED:
         print(f"stopped at epoch {trainer.epoch + 1}, step {trainer.global_step}/{trainer.total_steps}; "
               f"checkpoint saved. Continue with: larsopt train --out {folder} --resume")
-        return INTERRUPTED_EXIT_CODE
+        return stop.exit_code
+    if status == DIVERGED:
+        print(f"larsopt: the run diverged: a loss is not finite at epoch {trainer.epoch}; outputs in {folder} "
+              "(try a lower --lr or a longer --warmup-epochs)", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     best = result.best
     print(f"test accuracy {result.final_test_accuracy:.4f} (best {best['test_accuracy']:.4f} at epoch "
           f"{best['epoch']}) after {len(result.metrics)} epochs in {result.wall_time_s:.1f} s "
           f"({result.samples_per_s:.0f} samples/s); outputs in {folder}")
-    if not math.isfinite(result.metrics[-1]["train_loss"]):
-        print("warning: the training loss is not finite (the run diverged): try a lower --lr or more --warmup-epochs")
     return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``larsopt train``; returns the exit code."""
+    state = None
+    folder = None if args.out is None else Path(args.out)
+    if args.resume:
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: choose one")
+        if folder is None:
+            raise UsageError("--resume needs --out FOLDER, the folder of the run to continue")
+        if not (folder / outputs.CHECKPOINT).is_file():
+            raise UsageError(f"--resume: no {outputs.CHECKPOINT} in {folder}")
+        state = outputs.load_checkpoint(folder / outputs.CHECKPOINT)
+        config = _resume_config(args, state)
+        if state.get("diverged"):
+            raise UsageError(f"--resume: the run in {folder} diverged (its loss is not finite): nothing to continue; "
+                             "start a new run with a lower --lr or a longer --warmup-epochs")
+    else:
+        config = resolve(RunConfig(**given_options(args, "train")))
+        print_warnings(config)
+        if folder is not None:
+            outputs.check_new_output(folder, args.overwrite, outputs.RUN_FILES)
+    torch.set_num_threads(config.threads)
+    plots.require_matplotlib()
+    dataset = data.load(config.data, config.image_size)
+    trainer = Trainer(config, dataset)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if trainer.done and trainer.batch == 0 and state["config"].get("epochs") == config.epochs:
+            print(f"the run in {folder} is complete ({config.epochs} epochs); nothing to do "
+                  "(pass --epochs N to train it further)")
+            return 0
+    label = f"{config.data_kind}-{config.model.replace(':', '.')}-{config.optimizer}"
+    with outputs.claim(folder, label=label, files=outputs.RUN_FILES, resume=args.resume,
+                       overwrite=args.overwrite) as out:
+        try:
+            return _train(out, args, config, dataset, trainer)
+        except OSError as error:
+            kept = "" if out.staged else (f"; the last checkpoint is kept: continue with larsopt train --out "
+                                          f"{out.folder} --resume once it can be written")
+            raise OutputError(f"cannot write into {out.folder} ({error.strerror or type(error).__name__}){kept}") \
+                from None

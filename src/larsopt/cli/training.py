@@ -1,11 +1,11 @@
 """The training loop behind ``larsopt train`` and ``larsopt compare``.
 
-Reproducibility and resumption: the model is initialised from ``torch.manual_seed(seed)`` and
-the data order comes from its own generator seeded with ``seed``. A checkpoint holds everything
-the rest of the run depends on (model, optimizer, scheduler, grad scaler, both random
-generators, the position inside the epoch with that epoch's order, the running sums and the
-logged history), so a run resumed from any checkpoint ends with exactly the weights and metrics
-of a run that was never stopped (timing fields aside).
+Reproducibility and resumption: the model is initialised from ``torch.manual_seed(seed)``; the
+data order and the augmentation come from their own generators seeded from ``seed``. A
+checkpoint holds everything the rest of the run depends on (model, optimizer, scheduler, grad
+scaler, the random generators, the position inside the epoch with that epoch's order, the running
+sums and the logged history), so a run resumed from any checkpoint ends with exactly the weights
+and metrics of a run that was never stopped (timing fields aside).
 """
 
 from __future__ import annotations
@@ -24,73 +24,35 @@ from torch import Tensor, nn
 import larsopt
 from larsopt import functional
 from larsopt.cli import models
+from larsopt.cli.config import SEED_LIMIT, RunConfig, checkpoint_interval_parts
 from larsopt.cli.data import Dataset
 from larsopt.cli.errors import UsageError
 
-OPTIMIZERS = ("lars", "sgd")
-SCHEDULES = ("poly", "cosine", "constant")
-EXCLUDES = ("mxnet", "ndim", "norm_and_bias", "none")
-PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Goyal et al. 2017: lr = 0.1 * batch / 256 (the linear scaling rule).
-SGD_REFERENCE_BATCH = 256
 _EVAL_BATCH = 1024
 TRUST_EPSILON = 1e-8
 _CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class RunConfig:
-    """Everything that determines a run's numbers (saved in the checkpoint and summary)."""
-
-    data: str
-    model: str
-    optimizer: str
-    batch_size: int
-    epochs: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    eta: float
-    warmup_epochs: float
-    schedule: str
-    exclude: str
-    label_smoothing: float
-    seed: int
-    precision: str
-    checkpoint_every: int
-
-    @property
-    def peak_lr(self) -> float:
-        """The learning rate reached after warm-up: ``lr`` for LARS; for SGD ``lr`` is the rate
-        for a batch of 256 and is scaled linearly to the batch size (Goyal et al. 2017)."""
-        if self.optimizer == "sgd":
-            return self.lr * self.batch_size / SGD_REFERENCE_BATCH
-        return self.lr
-
-
-@dataclass
-class Runtime:
-    """How a run is executed, without effect on its numbers on a given machine."""
-
-    device: torch.device
-    threads: int
+# The augmentation generator's seed is the run's seed with these bits flipped: its own stream,
+# not the data order's (nor another seed's data order).
+_AUGMENT_SEED_BITS = 0x9E3779B97F4A7C15
+assert _AUGMENT_SEED_BITS < SEED_LIMIT
+COMPLETED, STOPPED, DIVERGED = "completed", "stopped", "diverged"
 
 
 @dataclass
 class RunResult:
-    """What a finished (or interrupted) run reports."""
+    """What a finished (or interrupted, or diverged) run reports."""
 
     metrics: list[dict[str, Any]]
     trust_names: list[str]
     trust_history: list[list[float]]
     wall_time_s: float
     samples_per_s: float
-    interrupted: bool
+    status: str
 
     @property
-    def final_test_accuracy(self) -> float:
-        return self.metrics[-1]["test_accuracy"] if self.metrics else float("nan")
+    def final_test_accuracy(self) -> float | None:
+        return self.metrics[-1]["test_accuracy"] if self.metrics else None
 
     @property
     def best(self) -> dict[str, Any]:
@@ -121,31 +83,54 @@ class WarmupThenDecay:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second stop signal: stop at once. ``exit_code`` is the shell's 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
 class StopRequest:
-    """Ctrl-C (SIGINT) sets :attr:`requested`; the loop saves a checkpoint at the next step
-    boundary and stops. A second Ctrl-C interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and ``timeout`` send before killing)
+    sets :attr:`signum`; the loop saves a checkpoint at the next step boundary and stops. A
+    second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM."""
+        assert self.signum is not None
+        return 128 + self.signum
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum)
+        self.signum = signum
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        """Catch SIGINT while the block runs (only possible in the main thread; elsewhere Ctrl-C
-        keeps its default meaning)."""
+        """Catch the stop signals while the block runs (only possible in the main thread;
+        elsewhere they keep their default meaning)."""
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                previous[signum] = signal.signal(signum, self._handle)
         except ValueError:
-            yield self
-            return
+            pass
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 @dataclass
@@ -156,6 +141,26 @@ class _EpochTotals:
     train_time_s: float = 0.0
     trust_sum: list[float] = field(default_factory=list)
     trust_steps: int = 0
+
+
+def augment(images: Tensor, generator: torch.Generator) -> Tensor:
+    """The standard image augmentation: a random crop of the image padded by an eighth of its
+    side (4 pixels at 32x32; the padding is 0, the training mean after standardisation) and a
+    horizontal flip with probability 1/2, drawn per image from ``generator`` (on the CPU, so a
+    run is the same on every device)."""
+    count, _, height, width = images.shape
+    pad = max(1, min(height, width) // 8)
+    padded = nn.functional.pad(images, (pad, pad, pad, pad))
+    shift_y = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
+    shift_x = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
+    flip = torch.rand(count, generator=generator) < 0.5
+    rows = shift_y[:, None] + torch.arange(height)
+    columns = shift_x[:, None] + torch.arange(width)
+    columns = torch.where(flip[:, None], columns.flip(1), columns)
+    index = [tensor.to(images.device) for tensor in (torch.arange(count)[:, None, None], rows[:, :, None],
+                                                      columns[:, None, :])]
+    # Advanced indices around a slice put their dimensions first: (count, height, width, channels).
+    return padded[index[0], :, index[1], index[2]].permute(0, 3, 1, 2).contiguous()
 
 
 def _trust_layers(optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor, float]]:
@@ -191,24 +196,35 @@ def trust_ratios(layers: list[tuple[str, Tensor, float]], eta: float, grad_scale
 
 
 class Trainer:
-    """One run: model, optimizer, schedule, data order, and its logged history."""
+    """One run: model, optimizer, schedule, data order, and its logged history.
 
-    def __init__(self, config: RunConfig, dataset: Dataset, runtime: Runtime) -> None:
+    ``config`` must be resolved (:meth:`RunConfig.resolved`); the thread count is the caller's
+    to apply.
+    """
+
+    def __init__(self, config: RunConfig, dataset: Dataset) -> None:
+        config.check()
         self.config = config
-        self.device = runtime.device
+        self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.model = models.build(config.model, dataset.input_shape, dataset.num_classes).to(self.device)
         self.x_train, self.y_train = dataset.x_train.to(self.device), dataset.y_train.to(self.device)
         self.x_test, self.y_test = dataset.x_test.to(self.device), dataset.y_test.to(self.device)
+        models.check_fits(self.model, config.model, self.x_train[:2], dataset.num_classes)
+        if config.batch_size > len(dataset.x_train):
+            raise UsageError(f"--batch-size {config.batch_size}: larger than the training set of {dataset.name} "
+                             f"({len(dataset.x_train)} samples); use at most {len(dataset.x_train)}")
         self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = self._build_optimizer()
         warmup_steps = min(self.total_steps, max(0, round(config.warmup_epochs * self.steps_per_epoch)))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupThenDecay(config.schedule, warmup_steps, self.total_steps))
+        self.schedule = WarmupThenDecay(config.schedule, warmup_steps, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.data_order = torch.Generator().manual_seed(config.seed)
+        self.augment = config.augment and self.x_train.ndim == 4
+        self.augment_rng = torch.Generator().manual_seed(config.seed ^ _AUGMENT_SEED_BITS)
         self.trust_layers = _trust_layers(self.optimizer)
         self.epoch = 0
         self.batch = 0
@@ -218,6 +234,7 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.trust_history: list[list[float]] = []
         self.elapsed_s = 0.0
+        self.diverged = False
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -245,8 +262,10 @@ class Trainer:
         dtype = _AUTOCAST_DTYPES.get(self.config.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimisation step on the next batch; returns (loss, accuracy) of that batch."""
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimisation step on the next batch; returns (loss, accuracy, samples) of that
+        batch. With ``accumulate`` N the batch runs as N micro-batches whose gradients add up
+        to the batch's (each micro-batch's mean loss weighted by its share of the batch)."""
         if self.batch == 0:
             self.order = torch.randperm(len(self.x_train), generator=self.data_order).to(self.device)
             self.totals = _EpochTotals(trust_sum=[0.0] * len(self.trust_layers))
@@ -254,20 +273,31 @@ class Trainer:
         started = time.perf_counter()
         indices = self.order[self.batch * self.config.batch_size:(self.batch + 1) * self.config.batch_size]
         inputs, labels = self.x_train[indices], self.y_train[indices]
+        if self.augment:
+            inputs = augment(inputs, self.augment_rng)
         self.model.train()
-        with self._autocast():
-            logits = self.model(inputs)
-            loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        pieces = [piece for piece in zip(inputs.tensor_split(self.config.accumulate),
+                                         labels.tensor_split(self.config.accumulate)) if len(piece[1])]
+        batch_loss_sum = torch.zeros((), device=self.device)
+        batch_correct_sum = torch.zeros((), dtype=torch.int64, device=self.device)
+        for micro_inputs, micro_labels in pieces:
+            with self._autocast():
+                logits = self.model(micro_inputs)
+                loss = self.criterion(logits.float(), micro_labels)
+            if len(pieces) > 1:
+                loss = loss * (len(micro_labels) / len(labels))
+            self.scaler.scale(loss).backward()
+            batch_loss_sum += loss.detach()
+            batch_correct_sum += (logits.argmax(dim=1) == micro_labels).sum()
         ratios = trust_ratios(self.trust_layers, self.config.eta, self.scaler.get_scale() if
                               self.scaler.is_enabled() else 1.0)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        batch_loss = loss.item()
-        batch_correct = int((logits.argmax(dim=1) == labels).sum().item())
+        batch_loss = batch_loss_sum.item()
+        batch_correct = int(batch_correct_sum.item())
         totals = self.totals
         totals.loss_sum += batch_loss * len(labels)
         totals.correct += batch_correct
@@ -278,7 +308,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         totals.train_time_s += elapsed
         self.elapsed_s += elapsed
-        return batch_loss, batch_correct / len(labels)
+        return batch_loss, batch_correct / len(labels), len(labels)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -294,7 +324,8 @@ class Trainer:
         return loss_sum / len(self.x_test), correct / len(self.x_test)
 
     def finish_epoch(self) -> dict[str, Any]:
-        """Evaluate, log the epoch's metrics row and trust ratios, move to the next epoch."""
+        """Evaluate, log the epoch's metrics row and trust ratios, move to the next epoch; a loss
+        that is not finite marks the run as diverged."""
         started = time.perf_counter()
         test_loss, test_accuracy = self.evaluate()
         self.elapsed_s += time.perf_counter() - started
@@ -313,35 +344,48 @@ class Trainer:
         }
         self.metrics.append(row)
         self.trust_history.append([total / totals.trust_steps for total in totals.trust_sum])
+        self.diverged = not (math.isfinite(row["train_loss"]) and math.isfinite(test_loss))
         self.epoch += 1
         self.batch = 0
         self.order = None
         return row
 
-    def run(self, stop: StopRequest, on_step: Callable[[float, float], None],
-            on_epoch: Callable[[dict[str, Any]], None], on_checkpoint: Callable[[], None] | None) -> bool:
-        """Train to the end; returns False when stopped by ``stop`` (after ``on_checkpoint``)."""
-        while not self.done:
-            batch_loss, batch_accuracy = self.train_step()
-            on_step(batch_loss, batch_accuracy)
+    def run(self, stop: StopRequest, on_step: Callable[[float, float, int], None],
+            on_epoch: Callable[[dict[str, Any]], None], on_checkpoint: Callable[[], None] | None) -> str:
+        """Train to the end, checkpointing every ``checkpoint_every`` epochs or seconds and at
+        the end. Returns :data:`COMPLETED`, :data:`STOPPED` (by ``stop``, after a checkpoint) or
+        :data:`DIVERGED` (a loss that is not finite: training further would only compute NaNs)."""
+        every_epochs, every_seconds = checkpoint_interval_parts(self.config.checkpoint_every)
+        last_checkpoint = time.monotonic()
+
+        def checkpoint() -> None:
+            nonlocal last_checkpoint
+            if on_checkpoint:
+                on_checkpoint()
+            last_checkpoint = time.monotonic()
+
+        while not self.done and not self.diverged:
+            on_step(*self.train_step())
             if self.batch == self.steps_per_epoch:
                 on_epoch(self.finish_epoch())
-                if on_checkpoint and (self.epoch % self.config.checkpoint_every == 0 or self.done):
-                    on_checkpoint()
-            if stop.requested and not self.done:
-                if on_checkpoint:
-                    on_checkpoint()
-                return False
-        return True
+                if self.done or self.diverged or (every_epochs and self.epoch % every_epochs == 0):
+                    checkpoint()
+                    continue
+            if every_seconds is not None and time.monotonic() - last_checkpoint >= every_seconds:
+                checkpoint()
+            if stop.requested:
+                checkpoint()
+                return STOPPED
+        return DIVERGED if self.diverged else COMPLETED
 
-    def result(self, interrupted: bool) -> RunResult:
+    def result(self, status: str) -> RunResult:
         """The run's history and speed so far."""
         train_time = sum(row["epoch_time_s"] for row in self.metrics)
         seen = len(self.x_train) * len(self.metrics)
         return RunResult(
             metrics=self.metrics, trust_names=self.trust_names, trust_history=self.trust_history,
             wall_time_s=self.elapsed_s, samples_per_s=seen / train_time if train_time > 0 else float("nan"),
-            interrupted=interrupted)
+            status=status)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly (tensors and plain values only)."""
@@ -354,6 +398,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "data_order_rng": self.data_order.get_state(),
+            "augment_rng": self.augment_rng.get_state(),
             "epoch": self.epoch,
             "batch": self.batch,
             "order": None if self.order is None else self.order.cpu(),
@@ -361,13 +406,15 @@ class Trainer:
             "metrics": self.metrics,
             "trust_history": self.trust_history,
             "elapsed_s": self.elapsed_s,
+            "diverged": self.diverged,
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (of a run with the same config)."""
+        """Continue from :meth:`state_dict` of a run with the same config, or with more or fewer
+        ``epochs``: then the lr follows the schedule of the new length from the next step on."""
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -375,6 +422,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
             self.data_order.set_state(state["data_order_rng"])
+            if "augment_rng" in state:
+                self.augment_rng.set_state(state["augment_rng"])
             if "cuda_rng" in state and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
@@ -383,6 +432,12 @@ class Trainer:
             self.metrics = list(state["metrics"])
             self.trust_history = [list(row) for row in state["trust_history"]]
             self.elapsed_s = float(state["elapsed_s"])
+            self.diverged = bool(state.get("diverged", False))
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise UsageError(f"--resume: the checkpoint does not fit this run ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        # LambdaLR restored the saved schedule's length along with its position.
+        if self.schedule.total_steps != self.total_steps:
+            self.schedule.total_steps = self.total_steps
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base_lr * self.schedule(self.scheduler.last_epoch)
