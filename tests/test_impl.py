@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 import larsopt
 from larsopt import functional as F
 from larsopt._impl import fused_cpu
+from option_registry import sweep_names_and_values
 
 FAST_IMPLS = ("foreach", "fused")
 # 1-D .. 4-D, a zero weight and a zero gradient (lam = 1 fallback).
@@ -30,12 +31,9 @@ ZERO_WEIGHT, ZERO_GRAD = 4, 5
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 LRS = (0.5, 0.3, 0.45)  # a tensor lr that changes every step
 
-OPTION_NAMES = ("momentum_form", "nesterov", "trust_norm", "trust_clip", "clip_gradient", "rescale_grad", "maximize",
-                "adapt", "weight_decay", "momentum")
-OPTION_VALUES = (("paper", "torch"), (False, True), ("sum", "update"), (False, True), (None, 0.8), (1.0, 2.0),
-                 (False, True), (True, False), (0.0, 0.1), (0.0, 0.9))
-COMBINATIONS = [dict(zip(OPTION_NAMES, values)) for values in itertools.product(*OPTION_VALUES)
-                if not (values[1] and values[-1] == 0.0)]  # nesterov needs momentum
+OPTION_NAMES, OPTION_VALUES = sweep_names_and_values()
+COMBINATIONS = [options for options in (dict(zip(OPTION_NAMES, values)) for values in itertools.product(*OPTION_VALUES))
+                if not (options["nesterov"] and options["momentum"] == 0.0)]  # nesterov needs momentum
 
 
 def _inputs(dtype: torch.dtype, seed: int = 0, shapes: list[tuple[int, ...]] = SHAPES):

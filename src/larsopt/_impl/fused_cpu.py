@@ -351,7 +351,8 @@ def step(
 
     if reduce_sums is None or not options.adapt:
         for batch in batches.values():
-            rows = None if stats is None else torch.empty(len(batch.params), 3, dtype=torch.float32)
+            # (nan rows where the kernel writes none: a step AMP skips)
+            rows = None if stats is None else torch.full((len(batch.params), 3), math.nan, dtype=torch.float32)
             batch.run(options, _WHOLE, grad_scale, found_inf, stats_out=rows)
             if stats is not None:
                 stats[batch.indices] = rows.to(stats.device)

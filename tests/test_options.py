@@ -1,0 +1,254 @@
+"""The options spine: one declaration per option, paths that hand on what they do not implement,
+named kernel arguments, the norms seam (two phases) and the per-tensor stats output."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import pytest
+import torch
+
+import larsopt
+from larsopt import functional as F
+from larsopt import options as O
+from larsopt._impl import foreach, fused_cpu, reference
+from option_registry import OPTIONS
+
+SHAPES = [(5,), (7, 6), (4, 3, 5), (41_000,), (9,)]  # one above the kernel's per-thread split size
+# torch's float32 norm of the 41,000 values and the kernel's blocked sum differ in the 7th digit
+TOLERANCE = 3e-6
+
+
+def _inputs(dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
+    grads = [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
+    buffers = [(0.1 * torch.randn(shape, generator=generator)).to(dtype) for shape in SHAPES]
+    return weights, grads, buffers
+
+
+def _run(impl, option_values, steps=2, dtype=torch.float32, stats=None):
+    weights, grads, buffers = _inputs(dtype)
+    params = [w.clone() for w in weights]
+    momentum = option_values.get("momentum", 0.0)
+    bufs = [b.clone() for b in buffers] if momentum != 0 else [None] * len(params)
+    values = {"lr": 0.4, "eta": 0.5, **option_values}
+    for _ in range(steps):
+        F.lars(params, grads, bufs, impl=impl, stats=stats, **values)
+    return params, bufs
+
+
+def _relative(result, expected, start):
+    """|result - expected| relative to the change the step made (as in test_impl)."""
+    change = (expected.double() - start.double()).norm()
+    difference = (result.double() - expected.double()).norm()
+    return (difference / change).item() if change > 0 else difference.item()
+
+
+def test_every_option_is_in_the_test_registry():
+    assert set(OPTIONS) == {field.name for field in dataclasses.fields(O.LarsOptions)}
+
+
+def test_every_option_has_a_doc_and_its_default_passes_its_check():
+    for field in dataclasses.fields(O.LarsOptions):
+        option = field.metadata["option"]
+        assert option.doc, field.name
+        option.check(field.name, field.default)
+    O.LarsOptions().check()
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused", "auto"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_every_option_value_matches_the_reference_on_every_impl(name, impl):
+    """Each option at each of its test values: every impl computes it or hands it on, never ignores it."""
+    case = OPTIONS[name]
+    for value in case.values:
+        option_values = {**dict(case.base), name: value}
+        want = _run("reference", option_values)
+        got = _run(impl, option_values)
+        weights, _, buffers = _inputs()
+        for a, b, start in zip(got[0] + got[1], want[0] + want[1], weights + buffers):
+            if b is not None:
+                assert _relative(a, b, start) <= TOLERANCE, f"{impl}: {name}={value!r}"
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_bad_values_raise_naming_the_option(name):
+    """The same check from the optimizer (its param-group key) and from functional.lars (keywords)."""
+    key = O._GROUP_KEYS.get(name)
+    for bad in OPTIONS[name].bad:
+        with pytest.raises(ValueError, match=name):
+            F.lars([torch.zeros(3)], [torch.ones(3)], [None], **{"lr": 0.1, name: bad})
+        if key is not None:
+            with pytest.raises(ValueError, match=key):
+                larsopt.LARS([{"params": [torch.zeros(3, requires_grad=True)], key: bad}], momentum=0.5)
+
+
+def test_unknown_keyword_and_both_forms_are_type_errors():
+    with pytest.raises(TypeError, match="dampening"):
+        F.lars([torch.zeros(3)], [torch.ones(3)], [None], lr=0.1, dampening=0.1)
+    with pytest.raises(TypeError, match="not both"):
+        F.lars([torch.zeros(3)], [torch.ones(3)], [None], O.LarsOptions(), lr=0.1)
+    with pytest.raises(TypeError, match="lr"):
+        F.lars([torch.zeros(3)], [torch.ones(3)], [None])
+
+
+def test_an_option_a_path_does_not_declare_is_implemented_only_at_its_default():
+    assert O.unsupported(O.LarsOptions(momentum=0.9), {}) == "momentum"
+    assert O.unsupported(O.LarsOptions(), {}) is None
+    assert O.unsupported(O.LarsOptions(lr=torch.tensor(0.1)), {"lr": O.ANY}) is None
+    assert O.unsupported(O.LarsOptions(math_dtype=torch.float16), fused_cpu.SUPPORTED) == "math_dtype"
+    assert O.unsupported(O.LarsOptions(math_dtype=torch.float16), foreach.SUPPORTED) == "math_dtype"
+    assert O.unsupported(O.LarsOptions(math_dtype=torch.float16), reference.SUPPORTED) is None
+
+
+def test_a_fast_path_that_does_not_declare_an_option_hands_every_tensor_on(monkeypatch):
+    """As if trust_clip were new: the kernel does not declare it, so its tensors go to foreach."""
+    calls = []
+    monkeypatch.setattr(fused_cpu, "SUPPORTED", {k: v for k, v in fused_cpu.SUPPORTED.items() if k != "trust_clip"})
+    for module, name in ((fused_cpu, "step"), (foreach, "lars_step")):
+        original = getattr(module, name)
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setitem(F._STEPS, "fused" if module is fused_cpu else "foreach", recording)
+    got = _run("fused", {"trust_clip": True, "momentum": 0.9})
+    assert calls == ["lars_step", "lars_step"]  # two steps, both on foreach
+    want = _run("reference", {"trust_clip": True, "momentum": 0.9})
+    for a, b, start in zip(got[0], want[0], _inputs()[0]):
+        assert _relative(a, b, start) <= TOLERANCE
+    calls.clear()
+    _run("fused", {"trust_clip": False, "momentum": 0.9})
+    assert calls == ["step", "step"]
+
+
+def test_kernel_arguments_are_a_named_struct_of_the_kernels_size():
+    library = fused_cpu.load()
+    if library is None:
+        pytest.skip(f"no C++ kernel here: {fused_cpu.unavailable_reason()}")
+    assert library.larsopt_kernel_args_size() == ctypes.sizeof(fused_cpu._KernelArgs)
+    names = {name for name, _ in fused_cpu._KernelArgs._fields_}
+    assert set(fused_cpu._REAL_FIELDS) <= names and set(fused_cpu._SWITCH_FIELDS) <= names
+    assert library.larsopt_lars_step.argtypes == [ctypes.POINTER(fused_cpu._KernelArgs)]
+
+
+@pytest.mark.parametrize("path", ["fused", "foreach", "reference"])
+@pytest.mark.parametrize("option_values", [
+    dict(momentum=0.9, weight_decay=0.01),
+    dict(momentum=0.9, momentum_form="torch", nesterov=True, trust_norm="update", weight_decay=0.01),
+    dict(trust_clip=True, clip_gradient=0.5, rescale_grad=2.0, maximize=True),
+    dict(adapt=False, momentum=0.9),
+], ids=str)
+def test_two_phase_step_with_a_reduction_equals_the_one_call_step(path, option_values):
+    """The norms seam: sums first, reduce_sums (here the identity, counted), then the update, gives
+    the one-call step's numbers bit for bit, with one reduction per call."""
+    steps = {"fused": fused_cpu.step, "foreach": foreach.lars_step, "reference": reference.lars_step}
+    options = O.LarsOptions(lr=torch.tensor(0.4), eta=0.5, **option_values)
+    results = []
+    for reduce in (None, "identity"):
+        weights, grads, buffers = _inputs()
+        if options.momentum == 0:
+            buffers = [None] * len(weights)
+        stats = torch.zeros(len(weights), 3)
+        seen = []
+
+        def identity(sums):
+            seen.append(sums.shape)
+            return sums.clone()
+
+        rest = steps[path](weights, grads, buffers, [None] * len(weights), options, stats=stats,
+                           reduce_sums=identity if reduce else None)
+        assert not rest
+        results.append((weights, buffers, stats))
+        if reduce:
+            assert seen == ([(len(weights), 3)] if options.adapt else [])
+    (w1, b1, s1), (w2, b2, s2) = results
+    for a, b in zip(w1 + b1, w2 + b2):
+        if a is not None:
+            assert torch.equal(a, b)
+    torch.testing.assert_close(s1, s2, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach", "fused"])
+@pytest.mark.parametrize("trust_norm", ["sum", "update"])
+def test_stats_are_the_norms_and_ratios_the_step_used(impl, trust_norm):
+    weights, grads, _ = _inputs()
+    weights[1].zero_()  # the fallback: lam = 1
+    params = [w.clone() for w in weights]
+    stats = torch.full((len(params), 3), -1.0)
+    lr, eta, wd, eps = 0.4, 0.5, 0.01, 1e-8
+    F.lars(params, grads, [None] * len(params), lr=lr, eta=eta, weight_decay=wd, trust_norm=trust_norm,
+           impl=impl, stats=stats)
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        w_norm, g_norm = w.double().norm(), g.double().norm()
+        u_norm = (g.double() + wd * w.double()).norm()
+        denominator = g_norm + wd * w_norm + eps if trust_norm == "sum" else u_norm + eps
+        lam = eta * w_norm / denominator if w_norm > 0 else torch.tensor(1.0)
+        torch.testing.assert_close(stats[i].double(), torch.stack([w_norm, g_norm, lam]), rtol=1e-5, atol=0)
+        # and it is the ratio of the update actually made
+        torch.testing.assert_close(params[i], weights[i] - lr * stats[i, 2] * (grads[i] + wd * weights[i]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach", "fused"])
+def test_stats_of_a_group_without_trust_ratio(impl):
+    weights, grads, _ = _inputs()
+    stats = torch.zeros(len(weights), 3)
+    F.lars(weights, grads, [None] * len(weights), lr=0.1, adapt=False, impl=impl, stats=stats)
+    assert torch.isnan(stats[:, :2]).all() and torch.equal(stats[:, 2], torch.ones(len(weights)))
+
+
+def test_stats_rows_of_tensors_on_different_paths():
+    """One call split over the kernel (float32), foreach (a master copy) and the reference (sparse)."""
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.randn(6, 4, generator=generator)
+    low = torch.randn(5, generator=generator).to(torch.bfloat16)
+    table = torch.randn(8, 3, generator=generator)
+    grads = [torch.randn(6, 4, generator=generator), torch.randn(5, generator=generator).to(torch.bfloat16),
+             torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.randn(2, 3, generator=generator), (8, 3))]
+    params = [dense.clone(), low.clone(), table.clone()]
+    masters = [None, low.float(), None]
+    stats = torch.zeros(3, 3)
+    F.lars(params, grads, [None] * 3, lr=0.1, eta=0.5, master_params=masters, stats=stats)
+    for i, (w, g) in enumerate(zip([dense, low.float(), table], grads)):
+        g = g.to_dense().float()
+        assert torch.allclose(stats[i, :2], torch.stack([w.norm(), g.norm()]), rtol=1e-5)
+
+
+def test_a_missing_momentum_buffer_is_a_first_step():
+    """None buffers with momentum: created in the list (param dtype; float32 beside a master) and
+    equal to starting from zeros."""
+    weights, grads, _ = _inputs()
+    for impl in ("reference", "foreach", "fused"):
+        params, zeros_run = [w.clone() for w in weights], [w.clone() for w in weights]
+        buffers = [None] * len(params)
+        zeros = [torch.zeros_like(w) for w in weights]
+        for form in ("paper", "torch"):
+            F.lars(params, grads, buffers, lr=0.3, momentum=0.9, momentum_form=form, impl=impl)
+            F.lars(zeros_run, grads, zeros, lr=0.3, momentum=0.9, momentum_form=form, impl=impl)
+            assert all(torch.equal(a, b) for a, b in zip(params + buffers, zeros_run + zeros))
+    low = [w.to(torch.bfloat16) for w in weights]
+    buffers = [None] * len(low)
+    F.lars(low, [g.to(torch.bfloat16) for g in grads], buffers, lr=0.3, momentum=0.9,
+           master_params=[w.clone() for w in weights])
+    assert all(b.dtype == torch.float32 and b.shape == w.shape for b, w in zip(buffers, weights))
+
+
+def test_a_state_saved_before_an_option_existed_loads_with_its_default(monkeypatch):
+    """A saved group lacking an option added after the first release takes the option's default."""
+    param = torch.zeros(3, requires_grad=True)
+    opt = larsopt.LARS([param], lr=0.1, momentum=0.9)
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["stochastic_rounding"]
+    field = next(f for f in dataclasses.fields(O.LarsOptions) if f.name == "stochastic_rounding")
+    option = dataclasses.replace(field.metadata["option"], saved_since_first_release=False)
+    monkeypatch.setitem(O._FIELDS, "stochastic_rounding", option)
+    fresh = larsopt.LARS([param], lr=0.5, stochastic_rounding=True)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["stochastic_rounding"] is False and fresh.param_groups[0]["lr"] == 0.1
+    del saved["param_groups"][0]["eta"]
+    with pytest.raises(ValueError, match="eta"):
+        fresh.load_state_dict(saved)
