@@ -252,3 +252,35 @@ def test_a_state_saved_before_an_option_existed_loads_with_its_default(monkeypat
     del saved["param_groups"][0]["eta"]
     with pytest.raises(ValueError, match="eta"):
         fresh.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("impl", ["auto", "foreach", "reference"])
+def test_optimizer_telemetry_is_the_step_stats_by_param_name(impl):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    opt = larsopt.LARS(larsopt.param_groups(model, exclude="norm_and_bias"), lr=0.2, momentum=0.9, eta=0.02,
+                       weight_decay=1e-3, impl=impl, telemetry=True)
+    model(torch.randn(8, 6)).square().mean().backward()
+    model[2].bias.grad = None  # not stepped: not reported
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    telemetry = opt.telemetry()
+    assert sorted(telemetry) == sorted(grads)
+    values = telemetry.to_dict()
+    for name in ("0.weight", "2.weight"):
+        w_norm, g_norm = weights[name].norm(), grads[name].norm()
+        lam = 0.02 * w_norm / (g_norm + 1e-3 * w_norm + 1e-8)
+        assert values[name]["w_norm"] == pytest.approx(w_norm.item(), rel=1e-6)
+        assert values[name]["g_norm"] == pytest.approx(g_norm.item(), rel=1e-6)
+        assert values[name]["trust_ratio"] == pytest.approx(lam.item(), rel=1e-5)
+    assert values["1.weight"]["trust_ratio"] == 1.0 and telemetry["0.bias"][2].item() == 1.0
+    torch.testing.assert_close(telemetry.column("w_norm")[0], weights["0.weight"].norm())
+
+
+def test_telemetry_needs_to_be_asked_for():
+    opt = larsopt.LARS([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(RuntimeError, match="telemetry=True"):
+        opt.telemetry()
+    with pytest.raises(ValueError, match="telemetry"):
+        larsopt.LARS([torch.zeros(3, requires_grad=True)], telemetry="yes")

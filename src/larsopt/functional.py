@@ -25,11 +25,15 @@ Norms accumulate in float32 at least. The two momentum forms are equal while lr 
 differ as soon as it changes (warm-up, decay): "paper" keeps past steps at the lr they were taken
 with, "torch" rescales the whole buffer by the current lr.
 
-Momentum buffers are passed in (zeros before the first step); they are updated in place, like
-the params. Gradients are never modified.
+Momentum buffers are passed in; they are updated in place, like the params (a ``None`` entry is
+a first step: see :func:`lars`). Gradients are never modified.
 
-Implementations (``impl=``, all sync-free and giving the reference's numbers; a tensor that a path
-does not cover is handed on, in the same call, fused -> foreach -> reference):
+Options come as one :class:`larsopt.options.LarsOptions` (declared once there: default, allowed
+values, check, doc). Implementations (``impl=``, all sync-free and giving the reference's numbers)
+form a chain, fused -> foreach -> reference: each path declares in its ``SUPPORTED`` table which
+options and values it implements and in ``covers()`` which tensors it can serve (plain tensors
+only: DTensors and other subclasses go on to the reference); a group using an option a path does
+not implement, and every tensor it does not cover, is handed on in the same call.
 
 * ``"reference"``: one tensor at a time, plain torch ops; covers every option.
 * ``"foreach"``: ``torch._foreach_*`` ops per group of tensors sharing a device and dtypes, trust
@@ -40,6 +44,10 @@ does not cover is handed on, in the same call, fused -> foreach -> reference):
   dense float32/float64/bfloat16 CPU tensors whose param, grad and buffer share one dense layout,
   without master copy, ``math_dtype`` or bf16 stochastic rounding.
 * ``"auto"``: ``"fused"`` (see :func:`resolve_impl` for why).
+
+Every path takes its norms as stacked sums of squares (``_impl/norms.py``) and its trust ratios
+from them (``_impl/reference.ratios_from_sums``); between the two, a ``reduce_sums`` seam lets a
+sharded step combine the sums of all tensors across processes with one collective.
 """
 
 from __future__ import annotations

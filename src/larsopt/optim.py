@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from larsopt import functional as F
+from larsopt.telemetry import Telemetry, combined
 from larsopt.options import OPTIMIZER_SETTINGS, LarsOptions, check_group, group_defaults, \
     group_keys_saved_since_first_release
 
@@ -113,13 +114,14 @@ class LARS(Optimizer):
         stochastic_rounding: bool = False,
         generator: torch.Generator | None = None,
         capturable: bool = False,
+        telemetry: bool = False,
     ) -> None:
         defaults = group_defaults(
             lr=lr, momentum=momentum, eta=eta, epsilon=epsilon, weight_decay=weight_decay, nesterov=nesterov,
             momentum_form=momentum_form, trust_norm=trust_norm, trust_clip=trust_clip, rescale_grad=rescale_grad,
             clip_gradient=clip_gradient, maximize=maximize, impl=impl, multi_precision=multi_precision,
             norm_source=norm_source, lazy_update=lazy_update, stochastic_rounding=stochastic_rounding,
-            capturable=capturable,
+            capturable=capturable, telemetry=telemetry,
         )
         check_group(defaults)
         if isinstance(params, Tensor):
@@ -132,9 +134,10 @@ class LARS(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.defaults.setdefault("capturable", False)  # pickled before the option existed
-        for group in self.param_groups:
-            group.setdefault("capturable", False)
+        for key, setting in OPTIMIZER_SETTINGS.items():  # pickled before the setting existed
+            self.defaults.setdefault(key, setting.default)
+            for group in self.param_groups:
+                group.setdefault(key, setting.default)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_group({**self.defaults, **param_group})
@@ -188,7 +191,8 @@ class LARS(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if _capturing():
             self._check_capture()
-        for group in self.param_groups:
+        telemetry: list[tuple[list[str], Tensor]] = []
+        for number, group in enumerate(self.param_groups):
             params, grads, buffers, masters = [], [], [], []
             new_buffers: list[tuple[int, dict[str, Any]]] = []  # (position in buffers, state to keep it in)
             use_momentum = group["momentum"] != 0
@@ -222,11 +226,32 @@ class LARS(Optimizer):
                         new_buffers.append((len(buffers), state))
                         buf = None if buf is None else buf.to(buffer_dtype)
                 buffers.append(buf)
+            stats = None
+            if group["telemetry"] and params:
+                stats = torch.empty(len(params), 3, dtype=torch.float32, device=params[0].device)
+                names = [self._param_name(group, number, index) for index, param in enumerate(group["params"])
+                         if param.grad is not None]  # (the params stepped, as the loop above chose them)
+                telemetry.append((names, stats))
             F.lars(params, grads, buffers, LarsOptions.from_group(group), master_params=masters, grad_scale=grad_scale,
-                   found_inf=found_inf, generator=self.generator, impl=group["impl"])
+                   found_inf=found_inf, generator=self.generator, stats=stats, impl=group["impl"])
             for index, state in new_buffers:  # (the core made first steps' buffers in the list)
                 state["momentum_buffer"] = buffers[index]
+        self._last_telemetry = telemetry
         return loss
+
+    def telemetry(self) -> Telemetry:
+        """|w|, |g| and the trust ratio of each param at the last step (of the groups built with
+        ``telemetry=True``), keyed by param name: names from ``(name, tensor)`` pairs or
+        :func:`larsopt.param_groups`, else ``"group<g>.<index>"``. Params without a gradient at
+        that step are absent. The values are tensors on the params' device (no host sync until
+        :meth:`Telemetry.to_dict`)."""
+        if not any(group["telemetry"] for group in self.param_groups):
+            raise RuntimeError("LARS.telemetry() needs LARS(..., telemetry=True) (or telemetry=True in a param group)")
+        return combined(getattr(self, "_last_telemetry", []))
+
+    def _param_name(self, group: dict[str, Any], number: int, index: int) -> str:
+        names = group.get("param_names")
+        return names[index] if names else f"group{number}.{index}"
 
     def _check_capture(self) -> None:
         """A CUDA graph is being captured: refuse, before any group steps, what a replay would get

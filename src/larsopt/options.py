@@ -181,6 +181,8 @@ OPTIMIZER_SETTINGS: dict[str, Setting] = {
     "impl": Setting("auto", "implementation: 'auto' (= 'fused'), 'fused', 'foreach' or 'reference'", _one_of(IMPLS)),
     "multi_precision": Setting(False, "float32 master copies and momentum for float16/bfloat16 params", _boolean),
     "capturable": Setting(False, "the step will be captured in a CUDA graph (needs lr as a 0-d tensor)", _boolean),
+    "telemetry": Setting(False, "keep each param's |w|, |g| and trust ratio of the last step (LARS.telemetry())",
+                         _boolean),
 }
 
 
