@@ -3,12 +3,10 @@ exact resume in every case, preemption, gradient accumulation, the user's own mo
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import json
 import os
-import pickle
 import signal
 import stat
 import subprocess
@@ -305,6 +303,7 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path: Path, monkeypatch: pytes
     (["--checkpoint-every", "0"], "--checkpoint-every"),
     (["--checkpoint-every", "10x"], "--checkpoint-every"),
     (["--accumulate", "3"], "--accumulate 3"),
+    (["--image-size", "100000"], "--image-size"),
 ])
 def test_more_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str], arguments: list[str], word: str) -> None:
@@ -527,14 +526,21 @@ def test_resume_of_a_complete_run_says_so(tmp_path: Path, capsys: pytest.Capture
     assert resume(tmp_path / "run", "--quiet") == 0
     assert "is complete (3 epochs); nothing to do" in capsys.readouterr().out
     assert snapshot(tmp_path / "run") == before
+    # A run whose last files could not be written (a full disk after the last checkpoint) gets them.
+    (tmp_path / "run" / "summary.json").unlink()
+    (tmp_path / "run" / "curves.png").unlink()
+    assert resume(tmp_path / "run") == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert_run_files(tmp_path / "run", epochs=3)
 
 
 # --- item 15: small things ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arguments,expected", [
-    (["train", "--batchsize", "8"], "larsopt train: unknown option --batchsize; did you mean --batch-size?"),
-    (["train", "--batch", "8"], "larsopt train: unknown option --batch; did you mean --batch-size?"),
-    (["compare", "--batch-size=8"], "larsopt compare: unknown option --batch-size; did you mean --batch-sizes?"),
+    (["train", "--batchsize", "8"], "unknown option --batchsize; did you mean --batch-size? (see larsopt train --help)"),
+    (["train", "--batch", "8"], "unknown option --batch; did you mean --batch-size? (see larsopt train --help)"),
+    (["compare", "--batch-size=8"], "unknown option --batch-size; did you mean --batch-sizes? (see larsopt compare"),
+    (["train", "--learning-rate", "3"], "unknown option --learning-rate (see larsopt train --help)"),
     (["train", "--lr", "1", "extra"], "unexpected argument 'extra' (see larsopt train --help)"),
 ])
 def test_unknown_options_suggest_the_subcommands_own(capsys: pytest.CaptureFixture[str], arguments: list[str],

@@ -78,6 +78,8 @@ nonnegative_float = _number(float, lambda value: 0 <= value < math.inf, "a finit
 unit_interval = _number(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
 seed_number = _number(int, lambda value: 0 <= value < SEED_LIMIT, "an integer in 0..2^64-1")
 thread_count = _number(int, lambda value: 0 < value <= 4096, "an integer in 1..4096")
+# imagefolder holds every decoded image in memory: 1024 x 1024 is already 12 MB of float32 each.
+image_side = _number(int, lambda value: 0 < value <= 1024, "an integer in 1..1024")
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
@@ -157,7 +159,7 @@ class RunConfig:
 
     data: str = option("digits", DATA_HELP, group="data")
     image_size: int = option(32, "imagefolder: side in pixels the images are resized and centre-cropped to",
-                             parse=positive_int, group="data")
+                             parse=image_side, group="data")
     model: str = option("mlp", f"{' | '.join(BUILTIN_MODELS)} | module:callable (a function of (input_shape, "
                         "num_classes) returning an nn.Module)", parse=model_spec, group="data")
     augment: bool | None = option(

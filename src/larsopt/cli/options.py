@@ -62,9 +62,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         if not options:
             return f"unexpected argument {unknown[0]!r} (see {parser.prog} --help)"
         known = [name for action in parser._actions for name in action.option_strings]
-        guess = difflib.get_close_matches(options[0], known, n=1, cutoff=0.5)
+        guess = difflib.get_close_matches(options[0], known, n=1, cutoff=0.7)
         hint = f"; did you mean {guess[0]}?" if guess else ""
-        return f"{parser.prog}: unknown option {options[0]}{hint} (see {parser.prog} --help)"
+        return f"unknown option {options[0]}{hint} (see {parser.prog} --help)"
 
     def _subcommand(self, name: str | None) -> argparse.ArgumentParser | None:
         for action in self._actions:

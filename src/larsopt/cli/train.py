@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import sys
 from pathlib import Path
@@ -73,6 +74,16 @@ def _resume_config(args: argparse.Namespace, state: dict[str, Any]) -> RunConfig
                              f"{kept}; leave it out to resume with the saved settings")
         changes[name] = value
     return resolve(dataclasses.replace(saved, **changes))
+
+
+def _summary_complete(path: Path, epochs: int) -> bool:
+    """Whether ``path`` is the summary of a run completed after ``epochs`` epochs (a run whose
+    summary could not be written, a full disk say, gets it written by ``--resume``)."""
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and written.get("completed") is True and written.get("epochs_completed") == epochs
 
 
 def summary(config: RunConfig, dataset: data.Dataset, trainer: Trainer, result: RunResult) -> dict[str, Any]:
@@ -175,7 +186,7 @@ def command(args: argparse.Namespace) -> int:
     trainer = Trainer(config, dataset)
     if state is not None:
         trainer.load_state_dict(state)
-        if trainer.done and trainer.batch == 0 and state["config"].get("epochs") == config.epochs:
+        if trainer.done and _summary_complete(folder / outputs.SUMMARY, config.epochs):
             print(f"the run in {folder} is complete ({config.epochs} epochs); nothing to do "
                   "(pass --epochs N to train it further)")
             return 0
