@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from larsopt._impl import foreach, fused_cpu, reference
+from larsopt._impl import foreach, fused_cpu, reference, sharded
 from larsopt.options import IMPLS, MOMENTUM_FORMS, NORM_SOURCES, TRUST_NORMS, LarsOptions, unsupported
 
 __all__ = ["IMPLS", "MOMENTUM_FORMS", "NORM_SOURCES", "TRUST_NORMS", "LarsOptions", "lars", "resolve_impl",
@@ -112,6 +112,7 @@ def lars(
     found_inf: Tensor | None = None,
     generator: torch.Generator | None = None,
     stats: Tensor | None = None,
+    param_names: Sequence[str] | None = None,
     impl: str = "auto",
     **option_values: Any,
 ) -> None:
@@ -139,7 +140,12 @@ def lars(
             rescaled gradient's norm) and trust ratio lam, from the values the step computes
             anyway (no extra pass, no host sync). A group with ``adapt=False`` takes no norms:
             its rows are (nan, nan, 1).
+        param_names: names of the params, for error messages.
         impl: one of :data:`IMPLS` (see the module docstring; ``"auto"`` is ``"fused"``).
+
+    DTensor params (FSDP2, HSDP, tensor parallel) step on their local shards with the norms of the
+    full tensors: one all-reduce of the stacked sums of squares per (mesh, placements) group and
+    sharding mesh dim, whatever the number of tensors (``larsopt._impl.sharded``).
     """
     if options is None:
         if "lr" not in option_values:
@@ -160,14 +166,28 @@ def lars(
     if options.momentum != 0:
         _create_missing_buffers(params, momentum_buffers, master_params)
     chain = _CHAINS[resolve_impl(impl)]
+    if sharded.possible() and any(sharded.is_sharded(param) for param in params):
+        label = (lambda i: repr(param_names[i])) if param_names is not None else (lambda i: f"#{i}")
+        found_inf = sharded.reduce_found_inf(found_inf, params)
+        for part in sharded.parts(params, grads, momentum_buffers, master_params, label):
+            _run_chain(chain, part.indices, part.params, part.grads, part.buffers, part.masters, options, stats,
+                       dict(grad_scale=grad_scale, found_inf=found_inf, reduce_sums=part.reduce_sums), generator)
+        return
+    _run_chain(chain, list(range(len(params))), params, grads, momentum_buffers, master_params, options, stats,
+               dict(grad_scale=grad_scale, found_inf=found_inf), generator)
+
+
+def _run_chain(chain: tuple[str, ...], indices: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,
+               masters: _MaybeTensors, options: LarsOptions, stats: Tensor | None, inputs: dict[str, Any],
+               generator: torch.Generator | None) -> None:
+    """Hand the tensors (``indices`` are their rows of ``stats``) down the chain of paths."""
     pending = list(range(len(params)))
     for path in chain:
         if path != chain[-1] and unsupported(options, _PATHS[path].SUPPORTED) is not None:
             continue
-        inputs = dict(grad_scale=grad_scale, found_inf=found_inf)
-        if path == "reference":
-            inputs["generator"] = generator  # (stochastic rounding: only the reference implements it)
-        pending = _run(path, pending, params, grads, momentum_buffers, master_params, options, stats, inputs)
+        path_inputs = dict(inputs, generator=generator) if path == "reference" else inputs
+        # (stochastic rounding: only the reference implements it, and takes the generator)
+        pending = _run(path, pending, params, grads, buffers, masters, options, stats, path_inputs, indices)
         if not pending:
             return
 
@@ -181,14 +201,16 @@ def _create_missing_buffers(params: _Tensors, buffers: MutableSequence[Tensor | 
             buffers[i] = torch.zeros_like(target, memory_format=torch.preserve_format)
 
 
-def _run(path: str, indices: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,
-         masters: _MaybeTensors, options: LarsOptions, stats: Tensor | None, inputs: dict[str, Any]) -> list[int]:
-    """Step the tensors at ``indices`` that ``path`` covers; return the indices of the others."""
-    if len(indices) != len(params):
-        params, grads, buffers, masters = ([items[i] for i in indices] for items in (params, grads, buffers, masters))
-    rows = None if stats is None else torch.empty(len(indices), 3, dtype=torch.float32, device=stats.device)
+def _run(path: str, pending: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,
+         masters: _MaybeTensors, options: LarsOptions, stats: Tensor | None, inputs: dict[str, Any],
+         rows_of: list[int]) -> list[int]:
+    """Step the tensors at ``pending`` that ``path`` covers; return the positions of the others.
+    ``rows_of[k]`` is tensor ``k``'s row of ``stats``."""
+    if len(pending) != len(params):
+        params, grads, buffers, masters = ([items[i] for i in pending] for items in (params, grads, buffers, masters))
+    rows = None if stats is None else torch.empty(len(pending), 3, dtype=torch.float32, device=stats.device)
     rest = _STEPS[path](params, grads, buffers, masters, options, stats=rows, **inputs) or []
     if stats is not None:
-        done = _others(rest, len(indices))
-        stats[[indices[k] for k in done]] = rows[done]
-    return [indices[k] for k in rest]
+        done = _others(rest, len(pending))
+        stats[[rows_of[pending[k]] for k in done]] = rows[done]
+    return [pending[k] for k in rest]

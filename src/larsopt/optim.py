@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from larsopt import functional as F
+from larsopt._impl import sharded
 from larsopt.telemetry import Telemetry, combined
 from larsopt.options import OPTIMIZER_SETTINGS, LarsOptions, check_group, group_defaults, \
     group_keys_saved_since_first_release
@@ -232,8 +233,11 @@ class LARS(Optimizer):
                 names = [self._param_name(group, number, index) for index, param in enumerate(group["params"])
                          if param.grad is not None]  # (the params stepped, as the loop above chose them)
                 telemetry.append((names, stats))
+            names = None
+            if group.get("param_names") and sharded.possible():  # (only for the errors of sharded params)
+                names = [name for name, param in zip(group["param_names"], group["params"]) if param.grad is not None]
             F.lars(params, grads, buffers, LarsOptions.from_group(group), master_params=masters, grad_scale=grad_scale,
-                   found_inf=found_inf, generator=self.generator, stats=stats, impl=group["impl"])
+                   found_inf=found_inf, generator=self.generator, stats=stats, param_names=names, impl=group["impl"])
             for index, state in new_buffers:  # (the core made first steps' buffers in the list)
                 state["momentum_buffer"] = buffers[index]
         self._last_telemetry = telemetry
