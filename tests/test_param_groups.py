@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import larsopt
-from larsopt.param_groups import BIAS_NAME
+from larsopt.grouping import BIAS_NAME
 
 # Tiny tensors: one thread is faster and keeps the run time independent of machine load.
 pytestmark = pytest.mark.usefixtures("single_thread")
