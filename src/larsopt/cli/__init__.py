@@ -7,6 +7,7 @@ stopped by Ctrl-C and 143 by SIGTERM (``train`` saves a checkpoint first).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(arguments[1:])
     from larsopt.cli.options import build_parser
 
+    # Under torchrun every process runs this; errors reach rank 0 (the processes agree on them)
+    # and only rank 0 prints them.
+    speaks = _torchrun_rank() == 0
     try:
         parser = build_parser()
         args = parser.parse_args(arguments)
@@ -53,11 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return compare.command(args)
     except UsageError as error:
-        print(f"larsopt: error: {error}", file=sys.stderr)
+        if speaks:
+            print(f"larsopt: error: {error}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except OutputError as error:
-        print(f"larsopt: error: {error}", file=sys.stderr)
+        if speaks:
+            print(f"larsopt: error: {error}", file=sys.stderr)
         return OUTPUT_EXIT_CODE
     except KeyboardInterrupt as error:
-        print("larsopt: interrupted", file=sys.stderr)
+        if speaks:
+            print("larsopt: interrupted", file=sys.stderr)
         return getattr(error, "exit_code", INTERRUPTED_EXIT_CODE)
+
+
+def _torchrun_rank() -> int:
+    """This process's rank under torchrun, 0 outside it (from the environment: no torch import)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0

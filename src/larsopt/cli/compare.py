@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from larsopt.cli import data, outputs, plots
+from larsopt.cli import data, distributed, outputs, plots
 from larsopt.cli.config import DEFAULT_LR, OPTIMIZERS, SEED_LIMIT, RunConfig, compare_defaults
 from larsopt.cli.errors import UsageError
 from larsopt.cli.options import COMPARE_BATCH_SIZES, COMPARE_SEEDS
@@ -107,6 +107,9 @@ def _plan(args: argparse.Namespace) -> tuple[RunConfig, list[int], list[int], di
 
 def command(args: argparse.Namespace) -> int:
     """Run ``larsopt compare``; returns the exit code."""
+    if distributed.detect().launched:
+        raise UsageError("larsopt compare runs in one process: start it without torchrun (its runs are small; "
+                         "larsopt train runs under torchrun)")
     base, sizes, seeds, report = _plan(args)
     if seeds[-1] >= SEED_LIMIT:
         raise UsageError(f"--seed {seeds[0]}: compare uses seeds {seeds[0]}..{seeds[-1]}, which must be below 2^64")

@@ -28,6 +28,7 @@ TRAIN_EXAMPLES = """examples:
   larsopt train --data npz:my.npz --out runs/mine # x_train, y_train, x_test, y_test arrays
   larsopt train --out runs/mine --resume          # continue after Ctrl-C, SIGTERM or a crash, bit for bit
   larsopt train --out runs/mine --resume --epochs 60   # train a finished run further
+  torchrun --nproc-per-node 2 -m larsopt train --batch-size 512 --out runs/two   # 256 samples per process
 """
 
 COMPARE_EXAMPLES = """examples:
@@ -126,6 +127,12 @@ def _add_command(commands: Any, name: str, epilog: str, **kwargs: Any) -> argpar
     execution.add_argument("--overwrite", action="store_true",
                            help="replace the run in a non-empty --out folder (its files are replaced once the "
                                 "new run has written its own)")
+    if name == "train":
+        execution.add_argument(
+            "--parallel", choices=("ddp", "fsdp"),
+            help="under torchrun: ddp (each process holds the whole model; gradients all-reduced) or fsdp (params, "
+                 "gradients and optimizer state sharded over the processes; checkpoints sharded) (default: ddp, or "
+                 "the resumed run's)")
     execution.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     execution.add_argument("--resume", action="store_true",
                            help="continue the run in --out with its saved settings" if name == "train" else

@@ -37,11 +37,15 @@ import torch
 from larsopt.cli.errors import UsageError
 
 CHECKPOINT = "checkpoint.pt"
+# Under FSDP: the sharded model and optimizer, one sub-folder per checkpoint, named in checkpoint.pt.
+SHARDED_CHECKPOINTS = "checkpoint.dcp"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
 TRUST = "trust.png"
 RUN_FILES = (CHECKPOINT, METRICS, SUMMARY, CURVES, TRUST)
+# What a train run may leave, and --overwrite replaces.
+RUN_OUTPUTS = (*RUN_FILES, SHARDED_CHECKPOINTS)
 LOCK = ".larsopt.lock"
 STAGING = ".larsopt-new"
 # larsopt's own bookkeeping: a folder holding only these (say, after a kill) counts as empty.
@@ -175,11 +179,40 @@ class OutputFolder:
         written = [name for name in self.files if (staging / name).exists()]
         for name in self.files:
             if name not in written:
-                (self.folder / name).unlink(missing_ok=True)
+                _remove(self.folder / name)
         for name in sorted(written, key=lambda name: name == CHECKPOINT):
+            if (staging / name).is_dir():
+                _remove(self.folder / name)  # os.replace moves a folder only onto nothing or an empty one
             os.replace(staging / name, self.folder / name)
         shutil.rmtree(staging)
         self.staged = False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def new_sharded_checkpoint(out: OutputFolder, step: int) -> Path:
+    """A new, unique folder for the sharded checkpoint of ``step`` (unique, so that a
+    checkpoint.pt never names the shards of another run or another save)."""
+    parent = out.path(SHARDED_CHECKPOINTS)
+    parent.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"step-{step:09d}-", dir=parent))
+    os.chmod(folder, 0o777 & ~_umask())  # (mkdtemp makes it private)
+    return folder
+
+
+def remove_other_sharded_checkpoints(folder: Path, kept: str) -> None:
+    """Remove the sharded checkpoints in ``folder`` other than ``kept`` (the one checkpoint.pt
+    names now)."""
+    parent = folder / SHARDED_CHECKPOINTS
+    if parent.is_dir():
+        for path in parent.iterdir():
+            if path.name != kept:
+                _remove(path)
 
 
 def _lock(folder: Path) -> int | None:

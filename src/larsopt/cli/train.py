@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 
 import larsopt
-from larsopt.cli import data, outputs, plots
+from larsopt.cli import data, distributed, outputs, plots
 from larsopt.cli.config import RunConfig, changes_numbers, config_fields
+from larsopt.cli.distributed import PARALLEL_MODES, Processes
 from larsopt.cli.errors import DIVERGED_EXIT_CODE, OutputError, UsageError
 from larsopt.cli.progress import Progress
 from larsopt.cli.training import COMPLETED, DIVERGED, STOPPED, RunResult, StopRequest, Trainer
@@ -76,16 +78,6 @@ def _resume_config(args: argparse.Namespace, state: dict[str, Any]) -> RunConfig
     return resolve(dataclasses.replace(saved, **changes))
 
 
-def _summary_complete(path: Path, epochs: int) -> bool:
-    """Whether ``path`` is the summary of a run completed after ``epochs`` epochs (a run whose
-    summary could not be written, a full disk say, gets it written by ``--resume``)."""
-    try:
-        written = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(written, dict) and written.get("completed") is True and written.get("epochs_completed") == epochs
-
-
 def summary(config: RunConfig, dataset: data.Dataset, trainer: Trainer, result: RunResult) -> dict[str, Any]:
     """The content of summary.json."""
     best = result.best
@@ -106,6 +98,7 @@ def summary(config: RunConfig, dataset: data.Dataset, trainer: Trainer, result: 
         "model_parameters": sum(param.numel() for param in trainer.model.parameters()),
         "device": config.device,
         "threads": config.threads,
+        "processes": {"parallel": trainer.processes.parallel, "world_size": trainer.processes.world_size},
         "versions": versions(),
     }
 
@@ -119,83 +112,209 @@ def _write_pictures(out: outputs.OutputFolder, config: RunConfig, result: RunRes
                         f"{'' if config.optimizer == 'lars' else ' (what LARS would apply; SGD ignores it)'}")
 
 
-def _train(out: outputs.OutputFolder, args: argparse.Namespace, config: RunConfig, dataset: data.Dataset,
-           trainer: Trainer) -> int:
-    folder = out.folder
-    # A resumed run drops any rows logged after its checkpoint: they will be recomputed.
-    outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
-    progress = Progress(trainer.total_steps, trainer.global_step, config.epochs, args.quiet)
+def _save_checkpoint(out: outputs.OutputFolder | None, processes: Processes, trainer: Trainer) -> None:
+    """Save a checkpoint (every rank takes part; rank 0 writes checkpoint.pt). Under FSDP the
+    shards go into a new folder first, and checkpoint.pt, replaced atomically, names it: a kill at
+    any moment leaves a checkpoint.pt whose shards are complete."""
+    state = trainer.state_dict()
+    if processes.sharded:
+        folder = Path(processes.from_main(
+            str(outputs.new_sharded_checkpoint(out, trainer.global_step)) if out is not None else None))
+        processes.save_sharded(folder, trainer.model, trainer.optimizer)
+        state["sharded_checkpoint"] = f"{outputs.SHARDED_CHECKPOINTS}/{folder.name}"
+    if out is not None:
+        outputs.save_checkpoint(out.path(outputs.CHECKPOINT), state)
+        out.commit()
+        if processes.sharded:
+            outputs.remove_other_sharded_checkpoints(out.folder, folder.name)
+
+
+def _train(out: outputs.OutputFolder | None, args: argparse.Namespace, config: RunConfig, dataset: data.Dataset,
+           trainer: Trainer, processes: Processes) -> int:
+    """Train; rank 0 (the only one with ``out``) writes and prints."""
+    if out is not None:
+        # A resumed run drops any rows logged after its checkpoint: they will be recomputed.
+        outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
+    progress = Progress(trainer.total_steps, trainer.global_step, config.epochs, args.quiet or out is None)
 
     def on_epoch(row: dict[str, Any]) -> None:
-        outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
+        if out is not None:
+            outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
         progress.epoch(row)
-
-    def on_checkpoint() -> None:
-        outputs.save_checkpoint(out.path(outputs.CHECKPOINT), trainer.state_dict())
-        out.commit()
 
     stop = StopRequest()
     try:
         with stop.installed():
-            status = trainer.run(stop, on_step=progress.step, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
+            status = trainer.run(stop, on_step=progress.step, on_epoch=on_epoch,
+                                 on_checkpoint=lambda: _save_checkpoint(out, processes, trainer))
     finally:
         progress.close()
     result = trainer.result(status)
+    if status == STOPPED:
+        code = stop.exit_code
+    elif status == DIVERGED:
+        code = DIVERGED_EXIT_CODE
+    else:
+        code = 0
+    if out is None:
+        return code
+    folder = out.folder
     outputs.write_json(out.path(outputs.SUMMARY), summary(config, dataset, trainer, result))
     if result.metrics:
         _write_pictures(out, config, result)
     if status == STOPPED:
         print(f"stopped at epoch {trainer.epoch + 1}, step {trainer.global_step}/{trainer.total_steps}; "
               f"checkpoint saved. Continue with: larsopt train --out {folder} --resume")
-        return stop.exit_code
-    if status == DIVERGED:
+    elif status == DIVERGED:
         print(f"larsopt: the run diverged: a loss is not finite at epoch {trainer.epoch}; outputs in {folder} "
               "(try a lower --lr or a longer --warmup-epochs)", file=sys.stderr)
-        return DIVERGED_EXIT_CODE
-    best = result.best
-    print(f"test accuracy {result.final_test_accuracy:.4f} (best {best['test_accuracy']:.4f} at epoch "
-          f"{best['epoch']}) after {len(result.metrics)} epochs in {result.wall_time_s:.1f} s "
-          f"({result.samples_per_s:.0f} samples/s); outputs in {folder}")
-    return 0
+    else:
+        best = result.best
+        print(f"test accuracy {result.final_test_accuracy:.4f} (best {best['test_accuracy']:.4f} at epoch "
+              f"{best['epoch']}) after {len(result.metrics)} epochs in {result.wall_time_s:.1f} s "
+              f"({result.samples_per_s:.0f} samples/s); outputs in {folder}")
+    return code
+
+
+def _read_run(args: argparse.Namespace, folder: Path | None) -> tuple[dict[str, Any] | None, int | None]:
+    """Rank 0's look at the files: the checkpoint to resume (``None`` for a new run) and, when
+    its summary says the run completed, the epochs it completed. A new run's ``--out`` is checked."""
+    if not args.resume:
+        if folder is not None:
+            outputs.check_new_output(folder, args.overwrite, outputs.RUN_FILES)
+        return None, None
+    if args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: choose one")
+    if folder is None:
+        raise UsageError("--resume needs --out FOLDER, the folder of the run to continue")
+    if not (folder / outputs.CHECKPOINT).is_file():
+        raise UsageError(f"--resume: no {outputs.CHECKPOINT} in {folder}")
+    state = outputs.load_checkpoint(folder / outputs.CHECKPOINT)
+    if state.get("diverged"):
+        raise UsageError(f"--resume: the run in {folder} diverged (its loss is not finite): nothing to continue; "
+                         "start a new run with a lower --lr or a longer --warmup-epochs")
+    sharded = state.get("sharded_checkpoint")
+    if sharded is not None and not (folder / sharded).is_dir():
+        raise UsageError(f"--resume: {folder / outputs.CHECKPOINT} names the sharded checkpoint {sharded}, which "
+                         "is missing")
+    try:
+        written = json.loads((folder / outputs.SUMMARY).read_text())
+    except (OSError, ValueError):
+        written = None
+    completed = written.get("epochs_completed") if isinstance(written, dict) and written.get("completed") is True \
+        else None
+    return state, completed
+
+
+def _parallel(args: argparse.Namespace, state: dict[str, Any] | None, processes: Processes,
+              folder: Path | None) -> str | None:
+    """``--parallel``, or under torchrun the resumed run's mode (else ``ddp``); a sharded
+    checkpoint resumes only sharded, a full one only unsharded."""
+    saved = (state or {}).get("processes", {})
+    saved_parallel = saved.get("parallel")
+    if not processes.launched:
+        if args.parallel is not None:
+            raise UsageError(f"--parallel {args.parallel}: needs the processes torchrun starts (torchrun "
+                             "--nproc-per-node N -m larsopt train ...); without torchrun larsopt train runs in one "
+                             "process")
+        parallel = None
+    else:
+        parallel = args.parallel or (saved_parallel if saved_parallel in PARALLEL_MODES else "ddp")
+    if state is not None and (saved_parallel == "fsdp") != (parallel == "fsdp"):
+        if saved_parallel == "fsdp":
+            raise UsageError(f"--resume: the run in {folder} was saved sharded (--parallel fsdp on "
+                             f"{saved.get('world_size')} processes); resume it under torchrun with --parallel fsdp")
+        raise UsageError(f"--parallel fsdp: the run in {folder} has a full checkpoint (saved by "
+                         f"{'one process' if saved_parallel is None else '--parallel ddp'}); resume it with "
+                         "--parallel ddp or in one process")
+    return parallel
+
+
+def _check_processes(config: RunConfig, processes: Processes) -> None:
+    """The global batch splits evenly over the processes, and each process's part into micro-batches."""
+    world = processes.world_size
+    if config.batch_size % world:
+        raise UsageError(f"--batch-size {config.batch_size}: the global batch must split evenly over the {world} "
+                         f"processes; use a multiple of {world}")
+    if (config.batch_size // world) % config.accumulate:
+        raise UsageError(f"--accumulate {config.accumulate}: must divide each process's batch of "
+                         f"{config.batch_size // world} (--batch-size {config.batch_size} over {world} processes)")
+    if config.device == "cuda" and processes.launched:
+        if processes.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"--device cuda: LOCAL_RANK {processes.local_rank} but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s); start at most that many processes per node")
+        torch.cuda.set_device(processes.local_rank)
 
 
 def command(args: argparse.Namespace) -> int:
-    """Run ``larsopt train``; returns the exit code."""
-    state = None
+    """Run ``larsopt train`` (under torchrun: this rank's part of it); returns the exit code."""
+    processes = distributed.detect()
+    with distributed.process_group(processes):
+        return _command(args, processes)
+
+
+def _command(args: argparse.Namespace, processes: Processes) -> int:
     folder = None if args.out is None else Path(args.out)
-    if args.resume:
-        if args.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: choose one")
-        if folder is None:
-            raise UsageError("--resume needs --out FOLDER, the folder of the run to continue")
-        if not (folder / outputs.CHECKPOINT).is_file():
-            raise UsageError(f"--resume: no {outputs.CHECKPOINT} in {folder}")
-        state = outputs.load_checkpoint(folder / outputs.CHECKPOINT)
-        config = _resume_config(args, state)
-        if state.get("diverged"):
-            raise UsageError(f"--resume: the run in {folder} diverged (its loss is not finite): nothing to continue; "
-                             "start a new run with a lower --lr or a longer --warmup-epochs")
-    else:
-        config = resolve(RunConfig(**given_options(args, "train")))
-        print_warnings(config)
-        if folder is not None:
-            outputs.check_new_output(folder, args.overwrite, outputs.RUN_FILES)
-    torch.set_num_threads(config.threads)
-    plots.require_matplotlib()
-    dataset = data.load(config.data, config.image_size)
-    trainer = Trainer(config, dataset)
+    read, error = (None, None), None
+    if processes.is_main:
+        try:
+            read = _read_run(args, folder)
+        except UsageError as caught:
+            error = caught
+    state, completed_epochs = processes.from_main(read, error)
+    processes = processes.with_parallel(_parallel(args, state, processes, folder))
+    error = None
+    try:
+        if state is not None:
+            config = _resume_config(args, state)
+        else:
+            config = resolve(RunConfig(**given_options(args, "train")))
+        _check_processes(config, processes)
+        torch.set_num_threads(config.threads)
+        plots.require_matplotlib()
+        dataset = data.load(config.data, config.image_size)
+    except UsageError as caught:
+        error = caught
+    processes.agree(error)
+    devices = processes.gather(config.device)
+    if len(set(devices)) > 1:
+        listed = ", ".join(f"rank {rank}: {device}" for rank, device in enumerate(devices))
+        raise UsageError(f"--device {args.device or 'auto'}: the processes would train on different devices "
+                         f"({listed}); every process must see the same kind (pass --device cpu, or start every "
+                         "process where a GPU is)")
+    if processes.is_main:
+        if state is None:
+            print_warnings(config)
+        else:
+            saved = state.get("processes", {})
+            if saved.get("world_size", 1) != processes.world_size:
+                print(f"larsopt: warning: --resume: the run was saved by {saved.get('world_size', 1)} process(es) "
+                      f"and continues on {processes.world_size}: the same training, its float sums in another "
+                      "order (the last digits differ from an uninterrupted run)", file=sys.stderr)
+    trainer = Trainer(config, dataset, processes)
     if state is not None:
-        trainer.load_state_dict(state)
-        if trainer.done and _summary_complete(folder / outputs.SUMMARY, config.epochs):
-            print(f"the run in {folder} is complete ({config.epochs} epochs); nothing to do "
-                  "(pass --epochs N to train it further)")
+        sharded = state.get("sharded_checkpoint")
+        trainer.load_state_dict(state, None if sharded is None else folder / sharded)
+        if trainer.done and completed_epochs == config.epochs:
+            if processes.is_main:
+                print(f"the run in {folder} is complete ({config.epochs} epochs); nothing to do "
+                      "(pass --epochs N to train it further)")
             return 0
     label = f"{config.data_kind}-{config.model.replace(':', '.')}-{config.optimizer}"
-    with outputs.claim(folder, label=label, files=outputs.RUN_FILES, resume=args.resume,
-                       overwrite=args.overwrite) as out:
+    with contextlib.ExitStack() as stack:
+        out, error = None, None
+        if processes.is_main:
+            try:
+                out = stack.enter_context(outputs.claim(folder, label=label, files=outputs.RUN_OUTPUTS,
+                                                        resume=args.resume, overwrite=args.overwrite))
+            except UsageError as caught:
+                error = caught
+        processes.from_main(None, error)
         try:
-            return _train(out, args, config, dataset, trainer)
+            return _train(out, args, config, dataset, trainer, processes)
         except OSError as error:
+            if out is None:
+                raise
             kept = "" if out.staged else (f"; the last checkpoint is kept: continue with larsopt train --out "
                                           f"{out.folder} --resume once it can be written")
             raise OutputError(f"cannot write into {out.folder} ({error.strerror or type(error).__name__}){kept}") \

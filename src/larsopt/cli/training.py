@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,9 @@ from larsopt import functional
 from larsopt.cli import models
 from larsopt.cli.config import SEED_LIMIT, RunConfig, checkpoint_interval_parts
 from larsopt.cli.data import Dataset
+from larsopt.cli.distributed import Processes
 from larsopt.cli.errors import UsageError
+from larsopt.telemetry import COLUMNS, Telemetry
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _EVAL_BATCH = 1024
@@ -94,12 +97,15 @@ class Interrupted(KeyboardInterrupt):
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and ``timeout`` send before killing)
     sets :attr:`signum`; the loop saves a checkpoint at the next step boundary and stops. A
-    second signal stops at once."""
+    second signal stops at once. Under torchrun a rank also stops for another rank's signal
+    (:attr:`agreed`, set by the loop), which is not a first signal of its own.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed: int | None = None
 
     @property
     def requested(self) -> bool:
@@ -108,8 +114,9 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         """128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM."""
-        assert self.signum is not None
-        return 128 + self.signum
+        signum = self.agreed or self.signum
+        assert signum is not None
+        return 128 + signum
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -131,6 +138,17 @@ class StopRequest:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+class StepReport(NamedTuple):
+    """One step: its loss (mean over the global batch), accuracy and samples, and what every rank
+    agreed to do next: stop (``stop_signum``, 0 for no) and checkpoint now (``checkpoint_due``)."""
+
+    loss: float
+    accuracy: float
+    samples: int
+    stop_signum: int
+    checkpoint_due: bool
 
 
 @dataclass
@@ -170,21 +188,28 @@ def _trust_layers(optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor, f
             for name, param in zip(group["param_names"], group["params"])]
 
 
+def _full(tensor: Tensor) -> Tensor:
+    """The whole tensor of a sharded (FSDP) param or gradient, gathered from every rank."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 @torch.no_grad()
 def trust_ratios(layers: list[tuple[str, Tensor, float]], eta: float, grad_scale: float) -> list[float]:
-    """LARS trust ratio ``eta * |w| / (|g| + wd * |w| + eps)`` per layer (1 where |w| or |g| is 0
-    or not finite, as the optimizer does), from gradients divided by ``grad_scale`` (AMP).
+    """The trust ratio ``eta * |w| / (|g| + wd * |w| + eps)`` LARS's default settings would give
+    each layer (1 where |w| or |g| is 0 or not finite), from gradients divided by ``grad_scale``
+    (AMP): what ``--optimizer sgd`` runs log, as SGD has no ratio of its own. Sharded (FSDP)
+    tensors are gathered whole first.
 
-    For SGD runs this is the ratio LARS would apply; SGD itself does not use it. The ratios are
-    stacked and read back once, so on a GPU logging costs one synchronisation per step.
+    The ratios are stacked and read back once, so on a GPU logging costs one synchronisation per
+    step.
     """
     if not layers:
         return []
     ratios = [
         functional.trust_ratio(
-            torch.linalg.vector_norm(param, dtype=torch.float32),
-            param.grad / grad_scale if param.grad is not None else torch.zeros_like(param),
-            param,
+            torch.linalg.vector_norm(_full(param), dtype=torch.float32),
+            _full(param.grad) / grad_scale if param.grad is not None else torch.zeros_like(_full(param)),
+            _full(param),
             weight_decay=decay,
             eta=eta,
             epsilon=TRUST_EPSILON,
@@ -195,16 +220,27 @@ def trust_ratios(layers: list[tuple[str, Tensor, float]], eta: float, grad_scale
     return torch.stack(ratios).tolist()
 
 
+def applied_trust_ratios(telemetry: Telemetry, names: list[str]) -> list[float]:
+    """The trust ratio the last LARS step applied to each of ``names`` (nan for a param it did not
+    step: one without a gradient), read back once."""
+    rows = {name: row for row, name in enumerate(telemetry.names)}
+    present = [rows[name] for name in names if name in rows]
+    ratios = iter(telemetry.values[present, COLUMNS.index("trust_ratio")].tolist())
+    return [next(ratios) if name in rows else math.nan for name in names]
+
+
 class Trainer:
     """One run: model, optimizer, schedule, data order, and its logged history.
 
     ``config`` must be resolved (:meth:`RunConfig.resolved`); the thread count is the caller's
-    to apply.
+    to apply. Under torchrun (``processes``) every rank builds its own trainer: the input checks
+    come first, then the ranks agree (the first collective), then the model is shared.
     """
 
-    def __init__(self, config: RunConfig, dataset: Dataset) -> None:
+    def __init__(self, config: RunConfig, dataset: Dataset, processes: Processes = Processes()) -> None:
         config.check()
         self.config = config
+        self.processes = processes
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.model = models.build(config.model, dataset.input_shape, dataset.num_classes).to(self.device)
@@ -214,8 +250,16 @@ class Trainer:
         if config.batch_size > len(dataset.x_train):
             raise UsageError(f"--batch-size {config.batch_size}: larger than the training set of {dataset.name} "
                              f"({len(dataset.x_train)} samples); use at most {len(dataset.x_train)}")
+        last_batch = len(dataset.x_train) % config.batch_size
+        if 0 < last_batch < processes.world_size:
+            raise UsageError(f"--batch-size {config.batch_size} on {processes.world_size} processes: the last batch of "
+                             f"each epoch ({len(dataset.x_train)} mod {config.batch_size} = {last_batch} samples) "
+                             "leaves a process without samples; choose a batch size that divides the "
+                             f"{len(dataset.x_train)} training samples or leaves at least {processes.world_size}")
+        processes.agree()
         self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.module = processes.wrap(self.model, self.device)
         self.optimizer = self._build_optimizer()
         warmup_steps = min(self.total_steps, max(0, round(config.warmup_epochs * self.steps_per_epoch)))
         self.schedule = WarmupThenDecay(config.schedule, warmup_steps, self.total_steps)
@@ -242,9 +286,13 @@ class Trainer:
         groups = larsopt.param_groups(self.model, weight_decay=config.weight_decay, exclude=exclude)
         if config.optimizer == "lars":
             return larsopt.LARS(groups, lr=config.peak_lr, momentum=config.momentum, eta=config.eta,
-                                epsilon=TRUST_EPSILON)
+                                epsilon=TRUST_EPSILON, telemetry=True)
         # SGD keeps the groups' "lars" flag only to log the trust ratio LARS would use.
         return torch.optim.SGD(groups, lr=config.peak_lr, momentum=config.momentum)
+
+    @property
+    def lars(self) -> bool:
+        return self.config.optimizer == "lars"
 
     @property
     def trust_names(self) -> list[str]:
@@ -262,10 +310,12 @@ class Trainer:
         dtype = _AUTOCAST_DTYPES.get(self.config.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimisation step on the next batch; returns (loss, accuracy, samples) of that
-        batch. With ``accumulate`` N the batch runs as N micro-batches whose gradients add up
-        to the batch's (each micro-batch's mean loss weighted by its share of the batch)."""
+    def train_step(self, stop_signum: int = 0, checkpoint_due: bool = False) -> StepReport:
+        """One optimisation step on the next batch; reports its loss, accuracy and samples, and
+        the stop signal and checkpoint decision every rank agreed on (``stop_signum``,
+        ``checkpoint_due``: this rank's). With ``accumulate`` N the batch (this rank's slice of
+        it under torchrun) runs as N micro-batches whose gradients add up to the batch's, each
+        micro-batch's mean loss weighted by its share of the global batch."""
         if self.batch == 0:
             self.order = torch.randperm(len(self.x_train), generator=self.data_order).to(self.device)
             self.totals = _EpochTotals(trust_sum=[0.0] * len(self.trust_layers))
@@ -274,41 +324,52 @@ class Trainer:
         indices = self.order[self.batch * self.config.batch_size:(self.batch + 1) * self.config.batch_size]
         inputs, labels = self.x_train[indices], self.y_train[indices]
         if self.augment:
+            # The whole batch on every rank: each image gets the draws it gets in one process.
             inputs = augment(inputs, self.augment_rng)
-        self.model.train()
+        count, world = len(labels), self.processes.world_size
+        inputs, labels = self.processes.shard(inputs), self.processes.shard(labels)
+        self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         pieces = [piece for piece in zip(inputs.tensor_split(self.config.accumulate),
                                          labels.tensor_split(self.config.accumulate)) if len(piece[1])]
         batch_loss_sum = torch.zeros((), device=self.device)
         batch_correct_sum = torch.zeros((), dtype=torch.int64, device=self.device)
-        for micro_inputs, micro_labels in pieces:
-            with self._autocast():
-                logits = self.model(micro_inputs)
-                loss = self.criterion(logits.float(), micro_labels)
-            if len(pieces) > 1:
-                loss = loss * (len(micro_labels) / len(labels))
-            self.scaler.scale(loss).backward()
+        for number, (micro_inputs, micro_labels) in enumerate(pieces):
+            with self.processes.gradient_sync(self.module, enabled=number == len(pieces) - 1):
+                with self._autocast():
+                    logits = self.module(micro_inputs)
+                    loss = self.criterion(logits.float(), micro_labels)
+                # DDP and FSDP divide the ranks' summed gradients by the number of ranks.
+                share = len(micro_labels) * world / count
+                if share != 1:
+                    loss = loss * share
+                self.scaler.scale(loss).backward()
             batch_loss_sum += loss.detach()
             batch_correct_sum += (logits.argmax(dim=1) == micro_labels).sum()
-        ratios = trust_ratios(self.trust_layers, self.config.eta, self.scaler.get_scale() if
-                              self.scaler.is_enabled() else 1.0)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        ratios = None if self.lars else trust_ratios(self.trust_layers, self.config.eta, scale)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        batch_loss = batch_loss_sum.item()
-        batch_correct = int(batch_correct_sum.item())
+        # The scaler lowers its scale exactly when it skipped the step (an inf or NaN gradient).
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
+        if ratios is None and not skipped:
+            ratios = applied_trust_ratios(self.optimizer.telemetry(), self.trust_names)
+        batch_loss, batch_correct, stop_signum, checkpoint_due = self.processes.step_totals(
+            batch_loss_sum, batch_correct_sum, stop_signum, checkpoint_due)
         totals = self.totals
-        totals.loss_sum += batch_loss * len(labels)
+        totals.loss_sum += batch_loss * count
         totals.correct += batch_correct
-        totals.seen += len(labels)
-        totals.trust_sum = [total + ratio for total, ratio in zip(totals.trust_sum, ratios)]
-        totals.trust_steps += 1
+        totals.seen += count
+        if not skipped:
+            totals.trust_sum = [total + ratio for total, ratio in zip(totals.trust_sum, ratios)]
+            totals.trust_steps += 1
         self.batch += 1
         elapsed = time.perf_counter() - started
         totals.train_time_s += elapsed
         self.elapsed_s += elapsed
-        return batch_loss, batch_correct / len(labels), len(labels)
+        return StepReport(batch_loss, batch_correct / count, count, stop_signum, checkpoint_due)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -327,7 +388,10 @@ class Trainer:
         """Evaluate, log the epoch's metrics row and trust ratios, move to the next epoch; a loss
         that is not finite marks the run as diverged."""
         started = time.perf_counter()
-        test_loss, test_accuracy = self.evaluate()
+        # Rank 0's numbers, so that every rank takes the same decisions from them (under DDP the
+        # others skip the work; under FSDP every rank's forward takes part in the all-gathers).
+        evaluated = self.evaluate() if self.processes.is_main or self.processes.sharded else None
+        test_loss, test_accuracy = self.processes.from_main(evaluated)
         self.elapsed_s += time.perf_counter() - started
         totals = self.totals
         row = {
@@ -343,7 +407,9 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
         }
         self.metrics.append(row)
-        self.trust_history.append([total / totals.trust_steps for total in totals.trust_sum])
+        # (An epoch whose every step the AMP scaler skipped has no ratios.)
+        self.trust_history.append([total / totals.trust_steps if totals.trust_steps else math.nan
+                                   for total in totals.trust_sum])
         self.diverged = not (math.isfinite(row["train_loss"]) and math.isfinite(test_loss))
         self.epoch += 1
         self.batch = 0
@@ -365,15 +431,22 @@ class Trainer:
             last_checkpoint = time.monotonic()
 
         while not self.done and not self.diverged:
-            on_step(*self.train_step())
+            # Under torchrun the ranks agree on both decisions at the step: clocks and signals
+            # differ between processes, collectives must not.
+            report = self.train_step(
+                stop.signum or 0, every_seconds is not None and time.monotonic() - last_checkpoint >= every_seconds)
+            on_step(report.loss, report.accuracy, report.samples)
+            # One process stops for a signal that came during on_step too; under torchrun the ranks
+            # stop at the step at which they agreed on it.
+            stop.agreed = (report.stop_signum or None) if self.processes.launched else stop.signum
             if self.batch == self.steps_per_epoch:
                 on_epoch(self.finish_epoch())
                 if self.done or self.diverged or (every_epochs and self.epoch % every_epochs == 0):
                     checkpoint()
                     continue
-            if every_seconds is not None and time.monotonic() - last_checkpoint >= every_seconds:
+            if report.checkpoint_due:
                 checkpoint()
-            if stop.requested:
+            if stop.agreed:
                 checkpoint()
                 return STOPPED
         return DIVERGED if self.diverged else COMPLETED
@@ -387,16 +460,25 @@ class Trainer:
             wall_time_s=self.elapsed_s, samples_per_s=seen / train_time if train_time > 0 else float("nan"),
             status=status)
 
+    def _random_state(self) -> dict[str, Tensor]:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly (tensors and plain values only)."""
+        """Everything needed to continue this run exactly (tensors and plain values only), as
+        rank 0 saves it; under torchrun every rank must call it (it gathers their random
+        states). Under FSDP the model and optimizer are not in it: they are saved sharded
+        (:meth:`Processes.save_sharded`)."""
+        random_states = self.processes.gather(self._random_state())
         state: dict[str, Any] = {
             "format": _CHECKPOINT_FORMAT,
             "config": asdict(self.config),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "processes": {"parallel": self.processes.parallel, "world_size": self.processes.world_size},
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": random_states[0]["torch"],
             "data_order_rng": self.data_order.get_state(),
             "augment_rng": self.augment_rng.get_state(),
             "epoch": self.epoch,
@@ -408,24 +490,38 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
             "diverged": self.diverged,
         }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if not self.processes.sharded:
+            state["model"] = self.model.state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
+        if "cuda" in random_states[0]:
+            state["cuda_rng"] = random_states[0]["cuda"]
+        if len(random_states) > 1:
+            state["rank_rng"] = random_states
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], sharded_checkpoint: Path | None = None) -> None:
         """Continue from :meth:`state_dict` of a run with the same config, or with more or fewer
-        ``epochs``: then the lr follows the schedule of the new length from the next step on."""
+        ``epochs``: then the lr follows the schedule of the new length from the next step on.
+        Under FSDP the model and optimizer come from ``sharded_checkpoint`` (every rank must call
+        it then). Each rank takes its own saved random state, or rank 0's when the run was saved
+        on another number of processes."""
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if sharded_checkpoint is not None:
+                self.processes.load_sharded(sharded_checkpoint, self.model, self.optimizer)
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["torch_rng"])
+            ranks = state.get("rank_rng", [])
+            random_state = ranks[self.processes.rank] if len(ranks) == self.processes.world_size else \
+                {"torch": state["torch_rng"], **({"cuda": state["cuda_rng"]} if "cuda_rng" in state else {})}
+            torch.set_rng_state(random_state["torch"])
             self.data_order.set_state(state["data_order_rng"])
             if "augment_rng" in state:
                 self.augment_rng.set_state(state["augment_rng"])
-            if "cuda_rng" in state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            if "cuda" in random_state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(random_state["cuda"], self.device)
             self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
             self.order = None if state["order"] is None else state["order"].to(self.device)
             self.totals = _EpochTotals(**state["totals"])
