@@ -44,6 +44,12 @@ OPTIONS: dict[str, OptionCase] = {
     "math_dtype": OptionCase(values=(torch.float64,), bad=(torch.int32, "float32")),
     "lazy_update": OptionCase(values=(False,), bad=("yes", None)),
     "stochastic_rounding": OptionCase(values=(True,), bad=("yes", None)),
+    "dampening": OptionCase(values=(0.3, 1.0), bad=(-0.1, 1.5, "0"), base=(("momentum", 0.9),)),
+    "buffer_start": OptionCase(values=("zeros",), bad=("ones", None), base=(("momentum", 0.9), ("dampening", 0.3))),
+    "adapt_when": OptionCase(values=("weight_decay",), bad=("never", None)),
+    "fallback": OptionCase(values=("plain_step",), bad=("skip", None),
+                           base=(("trust_clip", True), ("weight_decay", 0.1))),
+    "fallback_on": OptionCase(values=("zero_denominator",), bad=("never", None), base=(("weight_decay", 0.1),)),
 }
 
 

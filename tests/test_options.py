@@ -18,6 +18,7 @@ from option_registry import OPTIONS
 SHAPES = [(5,), (7, 6), (4, 3, 5), (41_000,), (9,)]  # one above the kernel's per-thread split size
 # torch's float32 norm of the 41,000 values and the kernel's blocked sum differ in the 7th digit
 TOLERANCE = 3e-6
+ZERO_WEIGHT, ZERO_GRAD = 4, 2
 
 
 def _inputs(dtype=torch.float32, seed=0):
@@ -25,6 +26,8 @@ def _inputs(dtype=torch.float32, seed=0):
     weights = [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
     grads = [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
     buffers = [(0.1 * torch.randn(shape, generator=generator)).to(dtype) for shape in SHAPES]
+    weights[ZERO_WEIGHT].zero_()  # the fallbacks: a zero weight and a zero gradient
+    grads[ZERO_GRAD].zero_()
     return weights, grads, buffers
 
 
@@ -86,8 +89,8 @@ def test_bad_values_raise_naming_the_option(name):
 
 
 def test_unknown_keyword_and_both_forms_are_type_errors():
-    with pytest.raises(TypeError, match="dampening"):
-        F.lars([torch.zeros(3)], [torch.ones(3)], [None], lr=0.1, dampening=0.1)
+    with pytest.raises(TypeError, match="damping"):
+        F.lars([torch.zeros(3)], [torch.ones(3)], [None], lr=0.1, damping=0.1)
     with pytest.raises(TypeError, match="not both"):
         F.lars([torch.zeros(3)], [torch.ones(3)], [None], O.LarsOptions(), lr=0.1)
     with pytest.raises(TypeError, match="lr"):
@@ -186,7 +189,7 @@ def test_stats_are_the_norms_and_ratios_the_step_used(impl, trust_norm):
         w_norm, g_norm = w.double().norm(), g.double().norm()
         u_norm = (g.double() + wd * w.double()).norm()
         denominator = g_norm + wd * w_norm + eps if trust_norm == "sum" else u_norm + eps
-        lam = eta * w_norm / denominator if w_norm > 0 else torch.tensor(1.0)
+        lam = eta * w_norm / denominator if w_norm > 0 and g_norm > 0 else torch.tensor(1.0)
         torch.testing.assert_close(stats[i].double(), torch.stack([w_norm, g_norm, lam]), rtol=1e-5, atol=0)
         # and it is the ratio of the update actually made
         torch.testing.assert_close(params[i], weights[i] - lr * stats[i, 2] * (grads[i] + wd * weights[i]),

@@ -163,42 +163,53 @@ def lars(
         # A standard (non-lazy) sparse update is the dense update: densify once (duplicate indices
         # are summed) so that every path, fast ones included, gives exactly the dense result.
         grads = [grad.to_dense() if grad.is_sparse else grad for grad in grads]
-    if options.momentum != 0:
-        _create_missing_buffers(params, momentum_buffers, master_params)
+    options = options.effective()
+    first_steps = _create_missing_buffers(params, momentum_buffers, master_params) if options.momentum != 0 else None
     chain = _CHAINS[resolve_impl(impl)]
     if sharded.possible() and any(sharded.is_sharded(param) for param in params):
         label = (lambda i: repr(param_names[i])) if param_names is not None else (lambda i: f"#{i}")
         found_inf = sharded.reduce_found_inf(found_inf, params)
         for part in sharded.parts(params, grads, momentum_buffers, master_params, label):
             _run_chain(chain, part.indices, part.params, part.grads, part.buffers, part.masters, options, stats,
-                       dict(grad_scale=grad_scale, found_inf=found_inf, reduce_sums=part.reduce_sums), generator)
+                       dict(grad_scale=grad_scale, found_inf=found_inf, reduce_sums=part.reduce_sums), generator,
+                       None if first_steps is None else [first_steps[i] for i in part.indices])
         return
     _run_chain(chain, list(range(len(params))), params, grads, momentum_buffers, master_params, options, stats,
-               dict(grad_scale=grad_scale, found_inf=found_inf), generator)
+               dict(grad_scale=grad_scale, found_inf=found_inf), generator, first_steps)
 
 
 def _run_chain(chain: tuple[str, ...], indices: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,
                masters: _MaybeTensors, options: LarsOptions, stats: Tensor | None, inputs: dict[str, Any],
-               generator: torch.Generator | None) -> None:
+               generator: torch.Generator | None, first_steps: list[bool] | None) -> None:
     """Hand the tensors (``indices`` are their rows of ``stats``) down the chain of paths."""
     pending = list(range(len(params)))
     for path in chain:
         if path != chain[-1] and unsupported(options, _PATHS[path].SUPPORTED) is not None:
             continue
-        path_inputs = dict(inputs, generator=generator) if path == "reference" else inputs
-        # (stochastic rounding: only the reference implements it, and takes the generator)
+        path_inputs = inputs
+        if path == "reference":
+            # (stochastic rounding and dampening: only the reference implements them)
+            path_inputs = dict(inputs, generator=generator,
+                               first_steps=None if first_steps is None else [first_steps[k] for k in pending])
         pending = _run(path, pending, params, grads, buffers, masters, options, stats, path_inputs, indices)
         if not pending:
             return
 
 
 def _create_missing_buffers(params: _Tensors, buffers: MutableSequence[Tensor | None],
-                            masters: _MaybeTensors) -> None:
-    """A first step's momentum buffers: zeros, which every path turns into the first update."""
+                            masters: _MaybeTensors) -> list[bool] | None:
+    """A first step's momentum buffers, created as zeros in ``buffers``; which ones were (``None``:
+    none). Without dampening a zero buffer takes the first update whole, so the fast paths (which
+    implement no dampening) need nothing else; the reference gets the list."""
+    created = None
     for i, buf in enumerate(buffers):
         if buf is None:
             target = masters[i] if masters[i] is not None else params[i]
             buffers[i] = torch.zeros_like(target, memory_format=torch.preserve_format)
+            if created is None:
+                created = [False] * len(buffers)
+            created[i] = True
+    return created
 
 
 def _run(path: str, pending: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,

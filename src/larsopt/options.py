@@ -22,6 +22,10 @@ import torch
 from torch import Tensor
 
 MOMENTUM_FORMS = ("paper", "torch")
+BUFFER_STARTS = ("update", "zeros")
+ADAPT_WHEN = ("always", "weight_decay")
+FALLBACKS = ("ratio_one", "plain_step")
+FALLBACK_ON = ("zero_norm", "zero_denominator")
 TRUST_NORMS = ("sum", "update")
 NORM_SOURCES = ("master", "param")
 IMPLS = ("auto", "reference", "foreach", "fused")
@@ -46,9 +50,18 @@ def _nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected a finite number >= 0")
 
 
+def _is_zero(value: float | Tensor) -> bool:
+    return bool(value == 0)  # (a tensor weight_decay is read here: it must be on the CPU to avoid a sync)
+
+
 def _momentum(name: str, value: Any) -> None:
     if not _is_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {name}: {value!r}; expected a number in [0, 1)")
+
+
+def _dampening(name: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid {name}: {value!r}; expected a number in [0, 1]")
 
 
 def _finite(name: str, value: Any) -> None:
@@ -130,6 +143,24 @@ class LarsOptions:
                                       "result", _boolean)
     stochastic_rounding: bool = _option(False, "write bfloat16 params without a master back with unbiased "
                                                "stochastic rounding", _boolean)
+    dampening: float = _option(0.0, "momentum dampening d in [0, 1]: the buffer takes (1 - d) of each update "
+                                    "(torch SGD)", _dampening, saved_since_first_release=False)
+    buffer_start: str = _option("update", "a first step's momentum buffer: 'update' (the update itself, undampened: "
+                                          "torch SGD, timm, Bolts, LARC) or 'zeros' (dampened from the first step: "
+                                          "pytorch-optimizer); the same without dampening",
+                                _one_of(BUFFER_STARTS), saved_since_first_release=False)
+    adapt_when: str = _option("always", "'always', or 'weight_decay': the trust ratio applies only while the group's "
+                                        "weight_decay != 0 (timm without always_adapt, Bolts)", _one_of(ADAPT_WHEN),
+                              saved_since_first_release=False)
+    fallback: str = _option("ratio_one", "a tensor whose trust ratio falls back: 'ratio_one' (lam = 1, clipped under "
+                                         "trust_clip, weight decay kept: MXNet, timm, MLPerf, optax) or 'plain_step' "
+                                         "(its plain gradient step: no weight decay, no clip: Bolts, apex LARC)",
+                            _one_of(FALLBACKS), saved_since_first_release=False)
+    fallback_on: str = _option("zero_norm", "when the ratio falls back: 'zero_norm' (|w| or |g| is 0, or |g + wd w| "
+                                            "for trust_norm='update': MXNet) or 'zero_denominator' (|w| is 0 or the "
+                                            "denominator without epsilon is 0: pytorch-optimizer, optax, FAIR SSL); "
+                                            "always when a norm is not finite", _one_of(FALLBACK_ON),
+                               saved_since_first_release=False)
 
     def check(self, names: Mapping[str, str] | None = None) -> LarsOptions:
         """Raise ``ValueError`` naming the first bad option (as ``names`` spells it, if given); return
@@ -139,6 +170,13 @@ class LarsOptions:
                                            getattr(self, field.name))
         if self.nesterov and self.momentum == 0:
             raise ValueError("Invalid nesterov: True with momentum=0; Nesterov momentum needs momentum > 0")
+        return self
+
+    def effective(self) -> LarsOptions:
+        """These options with the rules that depend on other options' current values applied (the
+        step calls it, so a group whose weight_decay a schedule changes follows at once)."""
+        if self.adapt_when == "weight_decay" and self.adapt and _is_zero(self.weight_decay):
+            return dataclasses.replace(self, adapt=False, adapt_when="always")
         return self
 
     @classmethod

@@ -32,7 +32,10 @@ from larsopt.options import ANY, LarsOptions
 
 
 #: What this path computes exactly like the reference (other values go to the reference).
-SUPPORTED = {name: ANY for name in LarsOptions.__dataclass_fields__} | {"math_dtype": (None,)}
+SUPPORTED = {name: ANY for name in (
+    "lr", "momentum", "eta", "epsilon", "weight_decay", "adapt", "nesterov", "momentum_form", "trust_norm", "trust_clip",
+    "rescale_grad", "clip_gradient", "maximize", "norm_source", "lazy_update", "stochastic_rounding",
+)} | {"math_dtype": (None,)}
 
 
 def covers(param: Tensor, grad: Tensor, master: Tensor | None, options: LarsOptions) -> bool:

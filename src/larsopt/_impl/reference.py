@@ -28,23 +28,45 @@ def ratios_from_sums(sums: Tensor, options: LarsOptions, dtype: torch.dtype) -> 
     * ``trust_norm="update"``: lam = eta * |w| / (|g + wd * w| + epsilon)
     * ``trust_clip``:          lam = min(lam / lr, 1)   (LARC)
 
-    Fallback (MXNet's rule, the same for both norms): lam = 1 (the plain lr, no eta) when
-    |w| == 0 or |g| == 0, or when a norm is not finite. ("update" also falls back when
-    |g + wd * w| == 0, so lam is always finite.) Every path takes its ratios from here.
+    Fallback (see :func:`ratio_valid`): lam = 1 (the plain lr, no eta), clipped too under
+    ``fallback="ratio_one"`` and not under ``"plain_step"``. Every path takes its ratios from here.
     """
+    return trust_terms(sums, options, dtype)[0]
+
+
+def ratio_valid(norms: Tensor, options: LarsOptions) -> Tensor:
+    """Where the trust ratio is taken rather than falling back, from the norms (|w|, |g|, |g + wd * w|).
+
+    ``fallback_on="zero_norm"`` (MXNet's rule, the same for both norms): not when |w| == 0 or |g| == 0
+    ("update": or |g + wd * w| == 0, so lam is always finite). ``"zero_denominator"``: not when |w| == 0
+    or the denominator without epsilon is 0 (|g| + wd * |w|, or |g + wd * w|): a zero gradient with
+    weight decay then gets eta / wd. Never when a norm is not finite."""
+    w_norm, g_norm, u_norm = norms[..., 0], norms[..., 1], norms[..., 2]
+    valid = (w_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(g_norm)
+    if options.trust_norm == "update":
+        valid &= torch.isfinite(u_norm) & (u_norm > 0)
+        return valid & (g_norm > 0) if options.fallback_on == "zero_norm" else valid
+    if options.fallback_on == "zero_norm":
+        return valid & (g_norm > 0)
+    return valid & (g_norm + options.weight_decay * w_norm > 0)
+
+
+def trust_terms(sums: Tensor, options: LarsOptions, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(lam, where the ratio did not fall back) from the sums, as :func:`ratios_from_sums` describes."""
     norms = sums.sqrt().to(dtype)
-    w_norm, g_norm = norms[..., 0], norms[..., 1]
-    valid = (w_norm > 0) & (g_norm > 0) & torch.isfinite(w_norm) & torch.isfinite(g_norm)
+    w_norm = norms[..., 0]
+    valid = ratio_valid(norms, options)
     if options.trust_norm == "sum":
-        denominator = g_norm + options.weight_decay * w_norm + options.epsilon
+        denominator = norms[..., 1] + options.weight_decay * w_norm + options.epsilon
     else:
-        u_norm = norms[..., 2]
-        valid &= (u_norm > 0) & torch.isfinite(u_norm)
-        denominator = u_norm + options.epsilon
-    lam = torch.where(valid, options.eta * w_norm / denominator, torch.ones_like(w_norm))
+        denominator = norms[..., 2] + options.epsilon
+    one = torch.ones_like(w_norm)
+    lam = torch.where(valid, options.eta * w_norm / denominator, one)
     if options.trust_clip:
         lam = clip_trust_ratio(lam, options.lr)
-    return lam
+        if options.fallback == "plain_step":
+            lam = torch.where(valid, lam, one)
+    return lam, valid
 
 
 def trust_ratio(w_norm: Tensor, grad: Tensor, weight: Tensor, *, weight_decay: float, eta: float, epsilon: float,
@@ -82,26 +104,32 @@ def stochastic_round_to_bfloat16(value: Tensor, generator: torch.Generator | Non
 
 
 def _updated(weight: Tensor, grad: Tensor, buf: Tensor | None, lam: Tensor, options: LarsOptions, *,
-             weight_decay: float, momentum: float, clip_gradient: float | None) -> tuple[Tensor, Tensor | None]:
-    """New (weight, momentum buffer) from the rescaled gradient and the trust ratio (the scalars given
-    apart from ``options`` are those rounded to a low-precision math dtype)."""
+             weight_decay: float | Tensor, momentum: float, clip_gradient: float | None,
+             first_step: bool) -> tuple[Tensor, Tensor | None]:
+    """New (weight, momentum buffer) from the rescaled gradient and the trust ratio. The scalars given
+    apart from ``options`` are those rounded to a low-precision math dtype; ``weight_decay`` is a 0-d
+    tensor where it depends on the tensor's fallback (``fallback="plain_step"``). ``first_step``: the
+    buffer was created for this step (``buffer_start="update"`` then leaves it undampened)."""
     dtype = weight.dtype
     lr = options.lr
     update = grad
     if clip_gradient is not None:
         update = update.clamp(-clip_gradient, clip_gradient)
-    if weight_decay != 0:
+    if isinstance(weight_decay, Tensor) or weight_decay != 0:
         update = update + weight_decay * weight
     if momentum == 0:
         return weight - (lr * lam).to(dtype) * update, None
+    # The share of this step's update the buffer takes: 1 - d, but all of it for a first step that
+    # starts the buffer from the update itself (torch SGD).
+    kept = 1.0 if first_step and options.buffer_start == "update" else 1.0 - options.dampening
     if options.momentum_form == "paper":
         # v = mu * v - lr * lam * g';  w += v   (nesterov: w += mu * v - lr * lam * g')
         step = (lr * lam).to(dtype) * update
-        new_buf = momentum * buf.to(dtype) - step
+        new_buf = momentum * buf.to(dtype) - (step if kept == 1.0 else kept * step)
         return weight + (momentum * new_buf - step if options.nesterov else new_buf), new_buf
     # b = mu * b + lam * g';  w -= lr * b   (nesterov: w -= lr * (lam * g' + mu * b))
     scaled = lam.to(dtype) * update
-    new_buf = momentum * buf.to(dtype) + scaled
+    new_buf = momentum * buf.to(dtype) + (scaled if kept == 1.0 else kept * scaled)
     return weight - lr * (scaled + momentum * new_buf if options.nesterov else new_buf), new_buf
 
 
@@ -179,11 +207,17 @@ def _ratio_dtype(prepared: _Prepared, options: LarsOptions) -> torch.dtype:
 
 
 def _apply(param: Tensor, master: Tensor | None, buf: Tensor | None, prepared: _Prepared, lam: Tensor,
-           options: LarsOptions, found_inf: Tensor | None, generator: torch.Generator | None) -> None:
-    """Write one tensor's update (and its buffer's and master's)."""
+           valid: Tensor | None, options: LarsOptions, found_inf: Tensor | None, generator: torch.Generator | None,
+           first_step: bool) -> None:
+    """Write one tensor's update (and its buffer's and master's). ``valid``: whether its trust ratio
+    was taken (``None``: the group does not adapt)."""
     dtype, weight = prepared.dtype, prepared.weight
-    scalars = dict(weight_decay=_in_math(options.weight_decay, dtype), momentum=_in_math(options.momentum, dtype),
-                   clip_gradient=_in_math(options.clip_gradient, dtype))
+    weight_decay = _in_math(options.weight_decay, dtype)
+    if options.fallback == "plain_step" and valid is not None:
+        # a tensor whose ratio falls back takes its plain gradient step, without weight decay
+        weight_decay = torch.where(valid, torch.tensor(weight_decay, dtype=dtype, device=param.device), 0.0)
+    scalars = dict(weight_decay=weight_decay, momentum=_in_math(options.momentum, dtype),
+                   clip_gradient=_in_math(options.clip_gradient, dtype), first_step=first_step)
     rows = prepared.lazy_rows
     if rows is None:
         new_weight, new_buf = _updated(weight, prepared.grad, buf, lam, options, **scalars)
@@ -237,10 +271,12 @@ def lars_step(
     generator: torch.Generator | None = None,
     stats: Tensor | None = None,
     reduce_sums: Callable[[Tensor], Tensor] | None = None,
+    first_steps: Sequence[bool] | None = None,
 ) -> None:
     """See :func:`larsopt.functional.lars` for the arguments and the formulas.
 
     ``stats``: a ``(len(params), 3)`` float32 tensor that gets each tensor's (|w|, |g|, lam).
+    ``first_steps``: which momentum buffers were created for this step (``None``: none).
     ``reduce_sums``: applied to the stacked sums of squares of all tensors before any trust ratio
     is taken (a sharded step's all-reduce); the step then prepares each tensor twice (once for its
     sums, once for its update) rather than holding every tensor's prepared inputs at once."""
@@ -253,13 +289,15 @@ def lars_step(
     for i, param in enumerate(params):
         master = master_params[i]
         prepared = _prepare(param, grads[i], master, options, grad_scale)
+        valid = None
         if options.adapt:
             tensor_sums = sums[i] if reduce_sums is not None else _sums(prepared, options)
-            lam = ratios_from_sums(tensor_sums, options, _ratio_dtype(prepared, options))
+            lam, valid = trust_terms(tensor_sums, options, _ratio_dtype(prepared, options))
             if stats is not None:
                 stats[i] = stats_rows(tensor_sums, lam)
         else:
             lam = torch.ones((), dtype=compute_dtype(prepared.dtype), device=param.device)
-        _apply(param, master, momentum_buffers[i], prepared, lam, options, found_inf, generator)
+        _apply(param, master, momentum_buffers[i], prepared, lam, valid, options, found_inf, generator,
+               first_steps is not None and first_steps[i])
     if stats is not None and not options.adapt:
         stats.copy_(unadapted_stats(len(params), stats.device))
