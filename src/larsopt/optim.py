@@ -74,6 +74,18 @@ class LARS(Optimizer):
         stochastic_rounding: bfloat16 params without a master copy are written back with
             unbiased stochastic rounding (drawn from ``generator`` when given).
         generator: ``torch.Generator`` for stochastic rounding (not saved in ``state_dict``).
+        telemetry: keep each param's |w|, |g| and trust ratio of the last step (:meth:`telemetry`).
+        dampening: torch SGD's momentum dampening d: the buffer takes (1 - d) of each update.
+        buffer_start: a first step's buffer: ``"update"`` (the update itself, undampened: torch SGD)
+            or ``"zeros"`` (dampened from the first step).
+        adapt_when: ``"always"``, or ``"weight_decay"``: the trust ratio applies only while the group's
+            weight_decay is not 0 (timm, Lightning Bolts).
+        fallback: what a tensor whose ratio cannot be taken (a zero norm) gets: ``"ratio_one"``
+            (lam = 1, clipped under trust_clip, weight decay kept) or ``"plain_step"`` (its raw
+            gradient step: no weight decay, no clip; Bolts, apex LARC).
+        fallback_on: ``"zero_norm"`` (|w| or |g| is 0; MXNet) or ``"zero_denominator"`` (|w| or the
+            denominator without epsilon is 0; pytorch-optimizer, optax, FAIR SSL).
+        The peers' own signatures over these options are in :mod:`larsopt.presets`.
         capturable: the step will be captured in a CUDA graph (``torch.cuda.graph``). Needs ``lr``
             as a 0-d tensor, on the params' device when the graph is captured (change it in place
             between replays; LR schedulers do), and CUDA params. State is created by eager
@@ -116,13 +128,19 @@ class LARS(Optimizer):
         generator: torch.Generator | None = None,
         capturable: bool = False,
         telemetry: bool = False,
+        dampening: float = 0.0,
+        buffer_start: str = "update",
+        adapt_when: str = "always",
+        fallback: str = "ratio_one",
+        fallback_on: str = "zero_norm",
     ) -> None:
         defaults = group_defaults(
             lr=lr, momentum=momentum, eta=eta, epsilon=epsilon, weight_decay=weight_decay, nesterov=nesterov,
             momentum_form=momentum_form, trust_norm=trust_norm, trust_clip=trust_clip, rescale_grad=rescale_grad,
             clip_gradient=clip_gradient, maximize=maximize, impl=impl, multi_precision=multi_precision,
             norm_source=norm_source, lazy_update=lazy_update, stochastic_rounding=stochastic_rounding,
-            capturable=capturable, telemetry=telemetry,
+            capturable=capturable, telemetry=telemetry, dampening=dampening, buffer_start=buffer_start,
+            adapt_when=adapt_when, fallback=fallback, fallback_on=fallback_on,
         )
         check_group(defaults)
         if isinstance(params, Tensor):
