@@ -141,6 +141,10 @@ def _lars_arguments(config: dict[str, Any], lr: _LearningRate) -> dict[str, Any]
                 multi_precision=config["multi_precision"], **HYPER)
 
 
+#: The config whose ZeRO state is consolidated on rank 0 and compared with one process's.
+ZERO_CONSOLIDATED = "auto-torch-sum-nesterov"
+
+
 # --------------------------------------------------------------------------------------------------
 # Models, data and hand-set gradients
 
@@ -219,15 +223,17 @@ def _model_trajectory(model: torch.nn.Module, named_params: list[tuple[str, torc
     return trajectory
 
 
-def _single_process_model_trajectory(config: dict[str, Any]) -> list[dict]:
+def _single_process_model_run(config: dict[str, Any]) -> tuple[list[dict], larsopt.LARS]:
     model = _model(config["dtype"])
     lr = _LearningRate(config)
     optimizer = _lars(larsopt.param_groups(model, exclude=config["exclude"]), config, lr)
-    return _model_trajectory(model, list(model.named_parameters()), optimizer, lr, config, 0, 1, optimizer)
+    trajectory = _model_trajectory(model, list(model.named_parameters()), optimizer, lr, config, 0, 1, optimizer)
+    return trajectory, optimizer
 
 
 def _tensor_trajectory(named_params: list[tuple[str, torch.Tensor]], config: dict[str, Any],
-                       grad: Callable[[int, int, torch.Tensor], torch.Tensor]) -> list[dict]:
+                       grad: Callable[[int, int, torch.Tensor], torch.Tensor]) -> tuple[list[dict], larsopt.LARS]:
+    """Steps with ``grad(step, number, param)`` set as each param's gradient."""
     lr = _LearningRate(config)
     optimizer = _lars(larsopt.param_groups(named_params, exclude=config["exclude"]), config, lr)
     trajectory = [_snapshot(named_params, None)]
@@ -238,21 +244,21 @@ def _tensor_trajectory(named_params: list[tuple[str, torch.Tensor]], config: dic
         optimizer.step()
         lr.after_step()
         trajectory.append(_snapshot(named_params, optimizer))
-    return trajectory
+    return trajectory, optimizer
 
 
 def _single_process_tensor_trajectory(layout: tuple, config: dict[str, Any]) -> list[dict]:
     named_params = [(name, torch.nn.Parameter(_initial_tensor(number, shape, config["dtype"])))
                     for number, (name, shape, _) in enumerate(layout)]
     return _tensor_trajectory(named_params, config,
-                              lambda step, number, param: _hand_grad(step, number, param.shape, param.dtype))
+                              lambda step, number, param: _hand_grad(step, number, param.shape, param.dtype))[0]
 
 
 def _single_process_replay(run: list[dict], config: dict[str, Any]) -> list[dict]:
     """Single-process LARS from a run's initial params, stepped with the run's own full gradients."""
     named_params = [(name, torch.nn.Parameter(param.clone())) for name, param in run[0]["params"].items()]
     return _tensor_trajectory(named_params, config,
-                              lambda step, number, param: run[step + 1]["grads"][named_params[number][0]])
+                              lambda step, number, param: run[step + 1]["grads"][named_params[number][0]])[0]
 
 
 @functools.cache
@@ -264,7 +270,7 @@ def _expected_with_same_batch(front_end: str, label: str) -> list[dict]:
         return _single_process_tensor_trajectory(TENSOR_PARALLEL_1D, config)
     if front_end == "tensor parallel 2-D":
         return _single_process_tensor_trajectory(TENSOR_PARALLEL_2D, config)
-    return _single_process_model_trajectory(config)
+    return _single_process_model_run(config)[0]
 
 
 def _expected(front_end: str, label: str, run: list[dict]) -> list[dict]:
@@ -291,34 +297,59 @@ def _sharded_model(mesh: Any, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def _fsdp_run(rank: int, world: int, mesh: Any, config: dict[str, Any]) -> list[dict]:
+def _layout(tensor: torch.Tensor) -> str:
+    if isinstance(tensor, DTensor):
+        return f"DTensor {tuple(tensor.shape)} on {tensor.device_mesh} placed {tuple(tensor.placements)}"
+    return f"plain tensor {tuple(tensor.shape)}"
+
+
+def _state_layout(named_params: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> dict:
+    """Each param's layout and its state tensors' (shape, mesh, placements)."""
+    return {name: {"param": _layout(param),
+                   **{key: _layout(value) for key, value in optimizer.state[param].items()
+                      if isinstance(value, torch.Tensor)}}
+            for name, param in named_params}
+
+
+def _fsdp_run(rank: int, world: int, mesh: Any, config: dict[str, Any]) -> dict[str, Any]:
     model = _sharded_model(mesh, config["dtype"])
     lr = _LearningRate(config)
     optimizer = _lars(larsopt.param_groups(model, exclude=config["exclude"]), config, lr)
     named_params = list(model.named_parameters())
-    return _model_trajectory(model, named_params, optimizer, lr, config, rank, world, optimizer)
+    trajectory = _model_trajectory(model, named_params, optimizer, lr, config, rank, world, optimizer)
+    return dict(trajectory=trajectory, state_layout=_state_layout(named_params, optimizer))
 
 
-def _tensor_parallel_run(mesh: Any, layout: tuple, config: dict[str, Any]) -> list[dict]:
+def _tensor_parallel_params(mesh: Any, layout: tuple, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
     from torch.distributed.tensor import distribute_tensor
 
-    named_params = [
-        (name, torch.nn.Parameter(distribute_tensor(_initial_tensor(number, shape, config["dtype"]), mesh,
-                                                    _placements(code))))
-        for number, (name, shape, code) in enumerate(layout)]
+    return [(name, torch.nn.Parameter(distribute_tensor(_initial_tensor(number, shape, dtype), mesh,
+                                                        _placements(code))))
+            for number, (name, shape, code) in enumerate(layout)]
+
+
+def _tensor_parallel_grads(mesh: Any) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+    """Hand-set gradients: DTensors placed like their param."""
+    from torch.distributed.tensor import distribute_tensor
 
     def grad(step: int, number: int, param: torch.Tensor) -> torch.Tensor:
         return distribute_tensor(_hand_grad(step, number, param.shape, param.dtype), mesh, param.placements)
 
-    return _tensor_trajectory(named_params, config, grad)
+    return grad
 
 
-def _ddp_run(rank: int, world: int, config: dict[str, Any]) -> list[dict]:
+def _tensor_parallel_run(mesh: Any, layout: tuple, config: dict[str, Any]) -> dict[str, Any]:
+    named_params = _tensor_parallel_params(mesh, layout, config["dtype"])
+    trajectory, optimizer = _tensor_trajectory(named_params, config, _tensor_parallel_grads(mesh))
+    return dict(trajectory=trajectory, state_layout=_state_layout(named_params, optimizer))
+
+
+def _ddp_run(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
     model = torch.nn.parallel.DistributedDataParallel(_model(config["dtype"]))
     lr = _LearningRate(config)
     optimizer = _lars(larsopt.param_groups(model.module, exclude=config["exclude"]), config, lr)
     named_params = list(model.module.named_parameters())
-    return _model_trajectory(model, named_params, optimizer, lr, config, rank, world, optimizer)
+    return dict(trajectory=_model_trajectory(model, named_params, optimizer, lr, config, rank, world, optimizer))
 
 
 def _zero_run(rank: int, world: int, config: dict[str, Any], consolidate: bool) -> dict[str, Any]:
@@ -354,12 +385,11 @@ def _two_processes(rank: int, world: int) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    last = list(CONFIGS)[-1]
     return {
         "fsdp2": _each_config(lambda config: _fsdp_run(rank, world, mesh, config)),
         "tensor parallel 1-D": _each_config(lambda config: _tensor_parallel_run(mesh, TENSOR_PARALLEL_1D, config)),
         "ddp": _each_config(lambda config: _ddp_run(rank, world, config)),
-        "zero": _each_config(lambda config: _zero_run(rank, world, config, consolidate=config is CONFIGS[last])),
+        "zero": _each_config(lambda config: _zero_run(rank, world, config, consolidate=config is CONFIGS[ZERO_CONSOLIDATED])),
     }
 
 
@@ -433,15 +463,19 @@ def _assert_trajectory_matches(result: list[dict], expected: list[dict], config:
                         "param")
 
 
-def _check_every_rank(results: list[dict[str, Any]], front_end: str, label: str) -> None:
-    """Every rank's run of ``label`` under ``front_end`` against one process; the masters too
-    except under ZeRO (where each rank keeps those of its own params)."""
+def _runs(results: list[dict[str, Any]], front_end: str, label: str) -> list[dict[str, Any]]:
+    """Each rank's run of ``label`` under ``front_end``; a failure if one raised."""
     runs = [result[front_end][label] for result in results]
     for rank, run in enumerate(runs):
         if isinstance(run, str):
             pytest.fail(f"rank {rank} raised:\n{run}")
-    if front_end == "zero":
-        runs = [run["trajectory"] for run in runs]
+    return runs
+
+
+def _check_every_rank(results: list[dict[str, Any]], front_end: str, label: str) -> None:
+    """Every rank's run of ``label`` under ``front_end`` against one process; the masters too
+    except under ZeRO (where each rank keeps those of its own params)."""
+    runs = [run["trajectory"] for run in _runs(results, front_end, label)]
     expected = _expected(front_end, label, runs[0])
     for rank, run in enumerate(runs):
         try:
@@ -487,3 +521,374 @@ def test_ddp_steps_like_one_process(two_processes, label):
 @pytest.mark.parametrize("label", CONFIGS)
 def test_zero_redundancy_optimizer_of_lars_steps_like_one_process(two_processes, label):
     _check_every_rank(two_processes, "zero", label)
+
+
+@pytest.mark.parametrize("front_end, processes", [("fsdp2", "two_processes"), ("hsdp", "four_processes"),
+                                                  ("tensor parallel 1-D", "two_processes"),
+                                                  ("tensor parallel 2-D", "four_processes")])
+def test_sharded_state_is_laid_out_like_its_param(front_end, processes, request):
+    """Momentum buffers and masters are DTensors on the param's mesh with its placements, as
+    ``torch.distributed.checkpoint`` needs them."""
+    results = request.getfixturevalue(processes)
+    misplaced = []
+    for label in CONFIGS:
+        for rank, run in enumerate(_runs(results, front_end, label)):
+            for name, layouts in run["state_layout"].items():
+                misplaced += [f"{label} rank {rank} {name} {key}: {layout}, param: {layouts['param']}"
+                              for key, layout in layouts.items() if layout != layouts["param"]]
+    assert not misplaced, "\n".join(misplaced)
+
+
+def test_zero_consolidated_state_is_one_process_state(two_processes):
+    state = _runs(two_processes, "zero", ZERO_CONSOLIDATED)[0]["state_dict"]
+    _, optimizer = _single_process_model_run(CONFIGS[ZERO_CONSOLIDATED])
+    expected = optimizer.state_dict()
+    assert state["state"].keys() == expected["state"].keys()
+    for index, tensors in expected["state"].items():
+        buffer = tensors["momentum_buffer"]
+        torch.testing.assert_close(state["state"][index]["momentum_buffer"], buffer, rtol=FLOAT64_TOLERANCE,
+                                   atol=FLOAT64_TOLERANCE * buffer.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. and 3. Collectives and host syncs inside one sharded step
+
+#: torch.distributed's collectives (patched where they are defined, which also catches the calls
+#: that torch.distributed's own modules make).
+C10D_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor",
+                    "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "reduce", "broadcast",
+                    "all_to_all", "all_to_all_single", "gather", "scatter", "barrier", "send", "recv", "isend",
+                    "irecv", "batch_isend_irecv", "all_gather_object", "broadcast_object_list")
+#: The functional collectives' Python entry points, which DTensor calls when it redistributes
+#: (some inside an op, where no dispatch mode sees them).
+FUNCTIONAL_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather_tensor", "all_gather_tensor_autograd",
+                          "all_gather_into_tensor_coalesced", "reduce_scatter_tensor",
+                          "reduce_scatter_tensor_autograd", "reduce_scatter_tensor_coalesced", "all_to_all_single",
+                          "all_to_all_single_autograd", "broadcast", "permute_tensor")
+#: Operator namespaces of collectives, as a dispatch mode sees them.
+COLLECTIVE_OP_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d", "c10d_functional")
+
+
+class _CollectiveOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in COLLECTIVE_OP_NAMESPACES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _count_collectives() -> Iterator[dict[str, int]]:
+    """Counts, in the dict it yields, the collectives of its block by each route they can take:
+    torch.distributed calls, functional collectives, collective ops dispatched, and the gloo
+    backend's own profiler events (which every collective on gloo makes, however it was issued)."""
+    import torch.distributed._functional_collectives as functional
+    import torch.distributed.distributed_c10d as c10d
+
+    counts = dict.fromkeys(("torch.distributed", "functional collectives", "collective ops", "gloo events"), 0)
+
+    def counting(route: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def counted(*args, **kwargs):
+            counts[route] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    with contextlib.ExitStack() as stack:
+        for module in (dist, c10d):
+            for name in C10D_COLLECTIVES:
+                if hasattr(module, name):
+                    stack.enter_context(mock.patch.object(module, name, counting("torch.distributed",
+                                                                                  getattr(c10d, name))))
+        for name in FUNCTIONAL_COLLECTIVES:
+            if hasattr(functional, name):
+                stack.enter_context(mock.patch.object(functional, name,
+                                                      counting("functional collectives", getattr(functional, name))))
+        profiler = stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
+        ops = stack.enter_context(_CollectiveOps())
+        yield counts
+    counts["collective ops"] = ops.count
+    counts["gloo events"] = sum(event.name.startswith("gloo:") for event in profiler.events())
+
+
+class _ConversionCounter(TorchFunctionMode):
+    """Counts tensor -> Python conversions: each one is a host synchronisation on an accelerator
+    (the counter of test_impl's single-process check)."""
+
+    CONVERSIONS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+                   torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.CONVERSIONS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+#: The models counted: ``size`` 1 and 3 make T and 3T tensors.
+def _fsdp_model_of_size(mesh: Any, size: int) -> tuple[list[tuple[str, torch.Tensor]], Callable[[], None]]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(2 * size)]).double()
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+    def backward() -> None:
+        model(torch.randn(3, 5, dtype=torch.float64)).square().sum().backward()
+
+    return list(model.named_parameters()), backward
+
+
+def _tensor_parallel_model_of_size(mesh: Any, size: int) -> tuple[list[tuple[str, torch.Tensor]], Callable[[], None]]:
+    layout = tuple((f"copy{copy}.{name}", shape, code) for copy in range(size) for name, shape, code in TENSOR_PARALLEL_1D)
+    named_params = _tensor_parallel_params(mesh, layout, torch.float64)
+    grad = _tensor_parallel_grads(mesh)
+
+    def backward() -> None:
+        for number, (_, param) in enumerate(named_params):
+            param.grad = grad(0, number, param)
+
+    return named_params, backward
+
+
+COUNTED_MODELS = {"fsdp2": _fsdp_model_of_size, "tensor parallel": _tensor_parallel_model_of_size}
+
+
+def _measure_one_step(mesh: Any, model: str, size: int, impl: str) -> dict[str, Any]:
+    """After two warm-up steps: a step's collectives, the next step's conversions, and a third
+    step's conversions with a GradScaler's scale and inf flag set (as ``scaler.step`` sets them).
+    (Apart: under a TorchFunctionMode, torch.distributed's functions call themselves again through
+    the mode, which would count each collective twice.)"""
+    named_params, backward = COUNTED_MODELS[model](mesh, size)
+    lr = torch.tensor(BASE_LR)
+    optimizer = larsopt.LARS(larsopt.param_groups(named_params), lr=lr, impl=impl, trust_clip=True, **HYPER)
+    for step in range(2):
+        backward()
+        lr.fill_(BASE_LR * LR_FACTORS[step])
+        optimizer.step()
+        optimizer.zero_grad()
+    backward()
+    with _count_collectives() as collectives:
+        optimizer.step()
+    optimizer.zero_grad()
+    backward()
+    with _ConversionCounter() as conversions:
+        optimizer.step()
+    optimizer.zero_grad()
+    backward()
+    optimizer.grad_scale, optimizer.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    with _ConversionCounter() as scaled_conversions:
+        optimizer.step()
+    return dict(tensors=len(named_params), collectives=collectives, conversions=conversions.count,
+                scaled_conversions=scaled_conversions.count)
+
+
+def _one_step_measurements(rank: int, world: int) -> dict[tuple[str, int, str], Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for model, size, impl in itertools.product(COUNTED_MODELS, (1, 3), IMPLS):
+        try:
+            results[model, size, impl] = _measure_one_step(mesh, model, size, impl)
+        except Exception:  # (reported by the tests of that model and impl)
+            results[model, size, impl] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_step_measurements() -> list[dict[tuple[str, int, str], Any]]:
+    return run_processes(2, _one_step_measurements)
+
+
+def _measurements(results: list[dict], model: str, size: int, impl: str) -> list[dict[str, Any]]:
+    runs = [result[model, size, impl] for result in results]
+    for rank, run in enumerate(runs):
+        if isinstance(run, str):
+            pytest.fail(f"rank {rank} raised:\n{run}")
+    return runs
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model", COUNTED_MODELS)
+def test_collectives_per_sharded_step_do_not_grow_with_the_number_of_tensors(one_step_measurements, model, impl):
+    for rank, (few, many) in enumerate(zip(_measurements(one_step_measurements, model, 1, impl),
+                                           _measurements(one_step_measurements, model, 3, impl))):
+        assert many["tensors"] == 3 * few["tensors"]
+        assert few["collectives"]["gloo events"] > 0, f"rank {rank}: no collective at all: {few['collectives']}"
+        assert few["collectives"] == many["collectives"], (
+            f"rank {rank}: {few['tensors']} tensors: {few['collectives']}; "
+            f"{many['tensors']} tensors: {many['collectives']}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model", COUNTED_MODELS)
+def test_sharded_step_never_syncs_with_the_host(one_step_measurements, model, impl):
+    for size in (1, 3):
+        for rank, run in enumerate(_measurements(one_step_measurements, model, size, impl)):
+            assert run["conversions"] == 0, f"rank {rank}, {run['tensors']} tensors"
+            assert run["scaled_conversions"] == 0, f"rank {rank}, {run['tensors']} tensors, with GradScaler state"
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. FSDP2 + torch.distributed.checkpoint: save, load in fresh processes, continue
+
+#: Saved after this many steps, of STEPS. The configs take lr as a tensor set at every step, so no
+#: scheduler state needs checkpointing; the torch momentum form with weight decay is the one that
+#: get_state_dict's state-creating step (zero grads, lr 0) leaves a trace in, which the load must
+#: replace; bfloat16 adds the masters.
+SAVED_AFTER = 2
+CHECKPOINTED_CONFIGS = ("auto-torch-sum-nesterov", "auto-bfloat16-masters")
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: _LearningRate, config: dict[str, Any],
+           rank: int, world: int, steps: range) -> None:
+    for step in steps:
+        x, y = _batch(step, config["dtype"])
+        optimizer.zero_grad()
+        _loss(model, _rows(x, rank, world), _rows(y, rank, world)).backward()
+        lr.before_step(step)
+        optimizer.step()
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {"param": _full(param),
+                   **{key: _full(value) for key, value in optimizer.state[param].items()
+                      if isinstance(value, torch.Tensor)}}
+            for name, param in model.named_parameters()}
+
+
+def _checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optimizer_state}
+
+
+def _checkpointed_runs(rank: int, world: int, directory: str) -> dict[str, Any]:
+    """STEPS steps without interruption, saving a checkpoint after SAVED_AFTER."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def run(config: dict[str, Any], label: str) -> dict[str, Any]:
+        model = _sharded_model(mesh, config["dtype"])
+        lr = _LearningRate(config)
+        optimizer = _lars(larsopt.param_groups(model, exclude=config["exclude"]), config, lr)
+        _train(model, optimizer, lr, config, rank, world, range(SAVED_AFTER))
+        dcp.save(_checkpoint(model, optimizer), checkpoint_id=f"{directory}/{label}")
+        _train(model, optimizer, lr, config, rank, world, range(SAVED_AFTER, STEPS))
+        return _full_state(model, optimizer)
+
+    return _each_checkpointed_config(run)
+
+
+def _resumed_runs(rank: int, world: int, directory: str) -> dict[str, Any]:
+    """A new model and optimizer load the checkpoint and take the remaining steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def run(config: dict[str, Any], label: str) -> dict[str, Any]:
+        model = _sharded_model(mesh, config["dtype"])
+        lr = _LearningRate(config)
+        optimizer = _lars(larsopt.param_groups(model, exclude=config["exclude"]), config, lr)
+        state = _checkpoint(model, optimizer)
+        dcp.load(state, checkpoint_id=f"{directory}/{label}")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _train(model, optimizer, lr, config, rank, world, range(SAVED_AFTER, STEPS))
+        return _full_state(model, optimizer)
+
+    return _each_checkpointed_config(run)
+
+
+def _each_checkpointed_config(run: Callable[[dict[str, Any], str], Any]) -> dict[str, Any]:
+    results = {}
+    for label in CHECKPOINTED_CONFIGS:
+        try:
+            results[label] = run(CONFIGS[label], label)
+        except Exception:  # (reported by the test of that config)
+            results[label] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def checkpointed_and_resumed(tmp_path_factory) -> tuple[list[dict], list[dict]]:
+    directory = str(tmp_path_factory.mktemp("checkpoints"))
+    return run_processes(2, _checkpointed_runs, directory), run_processes(2, _resumed_runs, directory)
+
+
+@pytest.mark.parametrize("label", CHECKPOINTED_CONFIGS)
+def test_fsdp2_checkpoint_resumed_in_new_processes_continues_exactly(checkpointed_and_resumed, label):
+    for rank, (uninterrupted, resumed) in enumerate(zip(*checkpointed_and_resumed)):
+        for run, what in ((uninterrupted[label], "uninterrupted run"), (resumed[label], "resumed run")):
+            if isinstance(run, str):
+                pytest.fail(f"rank {rank}, {what} raised:\n{run}")
+        want, got = uninterrupted[label], resumed[label]
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name].keys() == want[name].keys(), f"rank {rank} {name}"
+            for key, tensor in want[name].items():
+                assert torch.equal(got[name][key], tensor), f"rank {rank}: {key} of {name!r} differs"
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Sharded input LARS cannot step: a ValueError naming the param
+
+
+def _error_of(action: Callable[[], Any]) -> tuple[str, str] | None:
+    try:
+        action()
+    except Exception as error:  # (the test checks its type)
+        return type(error).__name__, str(error)
+    return None
+
+
+def _bad_input_errors(rank: int, world: int) -> dict[str, tuple[str, str] | None]:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    reversed_mesh = DeviceMesh("cpu", list(reversed(range(world))))
+
+    def sharded(on: Any, placements: list[Any]) -> torch.Tensor:
+        return distribute_tensor(_initial_tensor(0, (5, 3), torch.float64), on, placements)
+
+    partial = torch.nn.Parameter(sharded(mesh, [Shard(0)]))
+    partial.grad = DTensor.from_local(_hand_grad(0, rank, (5, 3), torch.float64), mesh, [Partial()])
+    misplaced = torch.nn.Parameter(sharded(mesh, [Shard(0)]))
+    misplaced.grad = sharded(mesh, [Shard(1)])
+    first, second = torch.nn.Parameter(sharded(mesh, [Shard(0)])), torch.nn.Parameter(sharded(reversed_mesh, [Shard(0)]))
+    first.grad, second.grad = sharded(mesh, [Shard(0)]), sharded(reversed_mesh, [Shard(0)])
+    cases = {"partial gradient": [("encoder.weight", partial)],
+             "gradient placed otherwise": [("encoder.weight", misplaced)],
+             "one group on two meshes": [("first.weight", first), ("second.weight", second)]}
+    return {case: _error_of(lambda: larsopt.LARS(named_params, lr=BASE_LR, momentum=0.9).step())
+            for case, named_params in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def bad_input_errors() -> list[dict[str, tuple[str, str] | None]]:
+    return run_processes(2, _bad_input_errors)
+
+
+@pytest.mark.parametrize("case, name", [("partial gradient", "encoder.weight"),
+                                        ("gradient placed otherwise", "encoder.weight"),
+                                        ("one group on two meshes", "second.weight")])
+def test_bad_sharded_input_is_a_value_error_naming_the_param(bad_input_errors, case, name):
+    for rank, errors in enumerate(bad_input_errors):
+        assert errors[case] is not None, f"rank {rank}: no error"
+        kind, message = errors[case]
+        assert kind == "ValueError", f"rank {rank}: {kind}: {message}"
+        assert repr(name) in message or name in message, f"rank {rank}: {message}"
