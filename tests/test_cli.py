@@ -290,6 +290,26 @@ def test_logged_trust_ratio_is_the_optimizers() -> None:
     assert logged[-1] == 1.0
 
 
+def test_trust_ratios_of_a_lars_run_are_the_ones_its_steps_applied(monkeypatch: pytest.MonkeyPatch,
+                                                                    single_thread: None) -> None:
+    """With trust_norm="update" and a large epsilon the logged ratios are the optimizer's own
+    (opt.telemetry()): trust.png once recomputed them with the "sum" norm and epsilon 1e-8."""
+    from larsopt.cli import data
+    from larsopt.cli.config import RunConfig
+    from larsopt.cli.training import Trainer
+
+    lars = larsopt.LARS
+    monkeypatch.setattr(larsopt, "LARS", lambda *args, **kwargs: lars(
+        *args, **{**kwargs, "trust_norm": "update", "epsilon": 0.05}))
+    config = RunConfig(data="synthetic:200", batch_size=32, epochs=1, threads=1).resolved(device="cpu", threads=1)
+    trainer = Trainer(config, data.load(config.data, config.image_size))
+    assert trainer.optimizer.param_groups[0]["trust_norm"] == "update"
+    trainer.train_step()
+    telemetry = trainer.optimizer.telemetry()
+    assert trainer.totals.trust_sum == [telemetry[name][2].item() for name in trainer.trust_names]
+    assert len(trainer.trust_names) == 3 and all(0 < ratio < 0.5 for ratio in trainer.totals.trust_sum)
+
+
 def test_compare_writes_table_json_and_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "compare"
     assert main(["compare", "--data", "synthetic:200", "--batch-sizes", "16,64", "--epochs", "2",
