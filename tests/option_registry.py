@@ -49,6 +49,7 @@ OPTIONS: dict[str, OptionCase] = {
     "adapt_when": OptionCase(values=("weight_decay",), bad=("never", None)),
     "fallback": OptionCase(values=("plain_step",), bad=("skip", None),
                            base=(("trust_clip", True), ("weight_decay", 0.1))),
+    "momentum_correction": OptionCase(values=(True,), bad=("yes", None), base=(("momentum", 0.9),)),
     "fallback_on": OptionCase(values=("zero_denominator",), bad=("never", None), base=(("weight_decay", 0.1),)),
 }
 

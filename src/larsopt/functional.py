@@ -113,6 +113,7 @@ def lars(
     generator: torch.Generator | None = None,
     stats: Tensor | None = None,
     param_names: Sequence[str] | None = None,
+    previous_lr: float | Tensor | None = None,
     impl: str = "auto",
     **option_values: Any,
 ) -> None:
@@ -141,6 +142,8 @@ def lars(
             anyway (no extra pass, no host sync). A group with ``adapt=False`` takes no norms:
             its rows are (nan, nan, 1).
         param_names: names of the params, for error messages.
+        previous_lr: the lr of the previous step, for ``momentum_correction`` (``None``: a first
+            step, no correction).
         impl: one of :data:`IMPLS` (see the module docstring; ``"auto"`` is ``"fused"``).
 
     DTensor params (FSDP2, HSDP, tensor parallel) step on their local shards with the norms of the
@@ -172,15 +175,16 @@ def lars(
         for part in sharded.parts(params, grads, momentum_buffers, master_params, label):
             _run_chain(chain, part.indices, part.params, part.grads, part.buffers, part.masters, options, stats,
                        dict(grad_scale=grad_scale, found_inf=found_inf, reduce_sums=part.reduce_sums), generator,
-                       None if first_steps is None else [first_steps[i] for i in part.indices])
+                       None if first_steps is None else [first_steps[i] for i in part.indices], previous_lr)
         return
     _run_chain(chain, list(range(len(params))), params, grads, momentum_buffers, master_params, options, stats,
-               dict(grad_scale=grad_scale, found_inf=found_inf), generator, first_steps)
+               dict(grad_scale=grad_scale, found_inf=found_inf), generator, first_steps, previous_lr)
 
 
 def _run_chain(chain: tuple[str, ...], indices: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,
                masters: _MaybeTensors, options: LarsOptions, stats: Tensor | None, inputs: dict[str, Any],
-               generator: torch.Generator | None, first_steps: list[bool] | None) -> None:
+               generator: torch.Generator | None, first_steps: list[bool] | None,
+               previous_lr: float | Tensor | None = None) -> None:
     """Hand the tensors (``indices`` are their rows of ``stats``) down the chain of paths."""
     pending = list(range(len(params)))
     for path in chain:
@@ -191,6 +195,8 @@ def _run_chain(chain: tuple[str, ...], indices: list[int], params: _Tensors, gra
             # (stochastic rounding and dampening: only the reference implements them)
             path_inputs = dict(inputs, generator=generator,
                                first_steps=None if first_steps is None else [first_steps[k] for k in pending])
+            if previous_lr is not None:
+                path_inputs["previous_lr"] = previous_lr
         pending = _run(path, pending, params, grads, buffers, masters, options, stats, path_inputs, indices)
         if not pending:
             return

@@ -161,6 +161,10 @@ class LarsOptions:
                                             "denominator without epsilon is 0: pytorch-optimizer, optax, FAIR SSL); "
                                             "always when a norm is not finite", _one_of(FALLBACK_ON),
                                saved_since_first_release=False)
+    momentum_correction: bool = _option(False, "scale the momentum by lr / the previous step's lr, so a changing lr "
+                                               "does not rescale past steps (MXNet 1.x, MLPerf MXNet); the step "
+                                               "needs previous_lr, which LARS keeps per group", _boolean,
+                                        saved_since_first_release=False)
 
     def check(self, names: Mapping[str, str] | None = None) -> LarsOptions:
         """Raise ``ValueError`` naming the first bad option (as ``names`` spells it, if given); return

@@ -104,7 +104,7 @@ def stochastic_round_to_bfloat16(value: Tensor, generator: torch.Generator | Non
 
 
 def _updated(weight: Tensor, grad: Tensor, buf: Tensor | None, lam: Tensor, options: LarsOptions, *,
-             weight_decay: float | Tensor, momentum: float, clip_gradient: float | None,
+             weight_decay: float | Tensor, momentum: float | Tensor, clip_gradient: float | None,
              first_step: bool) -> tuple[Tensor, Tensor | None]:
     """New (weight, momentum buffer) from the rescaled gradient and the trust ratio. The scalars given
     apart from ``options`` are those rounded to a low-precision math dtype; ``weight_decay`` is a 0-d
@@ -117,7 +117,7 @@ def _updated(weight: Tensor, grad: Tensor, buf: Tensor | None, lam: Tensor, opti
         update = update.clamp(-clip_gradient, clip_gradient)
     if isinstance(weight_decay, Tensor) or weight_decay != 0:
         update = update + weight_decay * weight
-    if momentum == 0:
+    if options.momentum == 0:
         return weight - (lr * lam).to(dtype) * update, None
     # The share of this step's update the buffer takes: 1 - d, but all of it for a first step that
     # starts the buffer from the update itself (torch SGD).
@@ -208,16 +208,20 @@ def _ratio_dtype(prepared: _Prepared, options: LarsOptions) -> torch.dtype:
 
 def _apply(param: Tensor, master: Tensor | None, buf: Tensor | None, prepared: _Prepared, lam: Tensor,
            valid: Tensor | None, options: LarsOptions, found_inf: Tensor | None, generator: torch.Generator | None,
-           first_step: bool) -> None:
+           first_step: bool, momentum: float | Tensor) -> None:
     """Write one tensor's update (and its buffer's and master's). ``valid``: whether its trust ratio
-    was taken (``None``: the group does not adapt)."""
+    was taken (``None``: the group does not adapt); ``momentum``: after momentum correction."""
     dtype, weight = prepared.dtype, prepared.weight
     weight_decay = _in_math(options.weight_decay, dtype)
     if options.fallback == "plain_step" and valid is not None:
         # a tensor whose ratio falls back takes its plain gradient step, without weight decay
         weight_decay = torch.where(valid, torch.tensor(weight_decay, dtype=dtype, device=param.device), 0.0)
-    scalars = dict(weight_decay=weight_decay, momentum=_in_math(options.momentum, dtype),
-                   clip_gradient=_in_math(options.clip_gradient, dtype), first_step=first_step)
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(device=param.device, dtype=dtype)
+    else:
+        momentum = _in_math(momentum, dtype)
+    scalars = dict(weight_decay=weight_decay, momentum=momentum, clip_gradient=_in_math(options.clip_gradient, dtype),
+                   first_step=first_step)
     rows = prepared.lazy_rows
     if rows is None:
         new_weight, new_buf = _updated(weight, prepared.grad, buf, lam, options, **scalars)
@@ -246,6 +250,19 @@ def _apply(param: Tensor, master: Tensor | None, buf: Tensor | None, prepared: _
         param.copy_(new_weight)
 
 
+def corrected_momentum(options: LarsOptions, previous_lr: float | Tensor | None) -> float | Tensor:
+    """mu, times lr / previous_lr under ``momentum_correction`` (MXNet 1.x: not on a first step, and not
+    after a step at lr 0)."""
+    if not options.momentum_correction or previous_lr is None or options.momentum == 0:
+        return options.momentum
+    lr = options.lr
+    if isinstance(lr, Tensor) or isinstance(previous_lr, Tensor):
+        previous = torch.as_tensor(previous_lr, dtype=SUMS_DTYPE)
+        ratio = torch.where(previous != 0, torch.as_tensor(lr, dtype=SUMS_DTYPE) / previous, 1.0)
+        return options.momentum * ratio
+    return options.momentum * lr / previous_lr if previous_lr != 0 else options.momentum
+
+
 def stats_rows(sums: Tensor, lam: Tensor) -> Tensor:
     """(|w|, |g|, lam) as float32 from sums of squares ``sums[..., 0:3]`` and trust ratios ``lam``:
     what a step reports of each tensor."""
@@ -272,14 +289,17 @@ def lars_step(
     stats: Tensor | None = None,
     reduce_sums: Callable[[Tensor], Tensor] | None = None,
     first_steps: Sequence[bool] | None = None,
+    previous_lr: float | Tensor | None = None,
 ) -> None:
     """See :func:`larsopt.functional.lars` for the arguments and the formulas.
 
     ``stats``: a ``(len(params), 3)`` float32 tensor that gets each tensor's (|w|, |g|, lam).
     ``first_steps``: which momentum buffers were created for this step (``None``: none).
+    ``previous_lr``: the lr of the group's previous step, for ``momentum_correction``.
     ``reduce_sums``: applied to the stacked sums of squares of all tensors before any trust ratio
     is taken (a sharded step's all-reduce); the step then prepares each tensor twice (once for its
     sums, once for its update) rather than holding every tensor's prepared inputs at once."""
+    momentum = corrected_momentum(options, previous_lr)
     if reduce_sums is not None and options.adapt:
         sums = torch.stack([
             _sums(_prepare(param, grads[i], master_params[i], options, grad_scale), options)
@@ -298,6 +318,6 @@ def lars_step(
         else:
             lam = torch.ones((), dtype=compute_dtype(prepared.dtype), device=param.device)
         _apply(param, master, momentum_buffers[i], prepared, lam, valid, options, found_inf, generator,
-               first_steps is not None and first_steps[i])
+               first_steps is not None and first_steps[i], momentum)
     if stats is not None and not options.adapt:
         stats.copy_(unadapted_stats(len(params), stats.device))
