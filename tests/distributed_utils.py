@@ -26,8 +26,10 @@ RUN_TIMEOUT_S = 300
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 #: Imported once by the fork server that every process of a test session is forked from: importing
 #: torch and larsopt takes 5-7 s per process on a busy two-core machine, far longer than the tests.
-_PRELOAD = ["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp", "torch.distributed.optim",
-            "torch.distributed.tensor", "torch.distributed.tensor.parallel", "larsopt", "distributed_utils"]
+#: (torch._dynamo: what the fused CPU path and FSDP2 import on first use, 2-3 s of it.)
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+            "torch.distributed.optim", "torch.distributed.tensor", "torch.distributed.tensor.parallel",
+            "larsopt", "larsopt.functional", "larsopt.grouping", "larsopt.optim", "distributed_utils"]
 
 
 def _worker(rank: int, world: int, rendezvous: str, out: str, function: Callable[..., Any], args: tuple) -> None:
