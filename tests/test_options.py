@@ -31,15 +31,31 @@ def _inputs(dtype=torch.float32, seed=0):
     return weights, grads, buffers
 
 
-def _run(impl, option_values, steps=2, dtype=torch.float32, stats=None):
+def _run(impl, option_values, steps=2, dtype=torch.float32, stats=None, inputs="dense"):
+    """Two steps of every tensor of :func:`_inputs` (prepared as ``inputs`` says, see
+    option_registry.OptionCase), the lr changing between them unless the option is lr itself."""
     weights, grads, buffers = _inputs(dtype)
+    masters = [None] * len(weights)
     params = [w.clone() for w in weights]
+    if inputs in ("master", "bf16"):
+        params = [w.to(torch.bfloat16) for w in weights]
+        grads = [g.to(torch.bfloat16) for g in grads]
+        if inputs == "master":
+            masters = [w.clone() for w in weights]
+    if inputs == "sparse":  # rows 1 and 4 (twice) of the 2-D tensor
+        dense = grads[1]
+        grads[1] = torch.sparse_coo_tensor(torch.tensor([[1, 4, 4]]), dense[[1, 4, 4]], dense.shape)
     momentum = option_values.get("momentum", 0.0)
-    bufs = [b.clone() for b in buffers] if momentum != 0 else [None] * len(params)
-    values = {"lr": 0.4, "eta": 0.5, **option_values}
-    for _ in range(steps):
-        F.lars(params, grads, bufs, impl=impl, stats=stats, **values)
-    return params, bufs
+    bufs = [b.clone() for b in buffers] if momentum != 0 and inputs != "first_step" else [None] * len(params)
+    if momentum != 0 and masters[0] is not None:
+        bufs = [b.float() for b in bufs]
+    extra = dict(previous_lr=0.8) if inputs == "previous_lr" else {}
+    for step in range(steps):
+        values = {"lr": (0.4, 0.25)[step % 2], "eta": 0.5, **option_values}
+        F.lars(params, grads, bufs, impl=impl, stats=stats, master_params=masters, generator=torch.Generator().manual_seed(0),
+               **extra, **values)
+    results = [m if m is not None else p for m, p in zip(masters, params)]
+    return [r.double() for r in results], [b if b is None else b.double() for b in bufs]
 
 
 def _relative(result, expected, start):
@@ -66,14 +82,29 @@ def test_every_option_has_a_doc_and_its_default_passes_its_check():
 def test_every_option_value_matches_the_reference_on_every_impl(name, impl):
     """Each option at each of its test values: every impl computes it or hands it on, never ignores it."""
     case = OPTIONS[name]
+    weights, _, buffers = _inputs()
+    tolerance = TOLERANCE if case.inputs not in ("master", "bf16") else 1e-2
     for value in case.values:
         option_values = {**dict(case.base), name: value}
-        want = _run("reference", option_values)
-        got = _run(impl, option_values)
-        weights, _, buffers = _inputs()
+        want = _run("reference", option_values, inputs=case.inputs)
+        got = _run(impl, option_values, inputs=case.inputs)
         for a, b, start in zip(got[0] + got[1], want[0] + want[1], weights + buffers):
             if b is not None:
-                assert _relative(a, b, start) <= TOLERANCE, f"{impl}: {name}={value!r}"
+                assert _relative(a, b, start) <= tolerance, f"{impl}: {name}={value!r}"
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_every_walk_value_changes_the_result(name):
+    """The walk above proves something: on its inputs, some test value of each option changes what the
+    reference computes, by far more than the tolerance."""
+    case = OPTIONS[name]
+    default = _run("reference", dict(case.base), inputs=case.inputs)
+    weights, _, _ = _inputs()
+    changes = []
+    for value in case.values:
+        got = _run("reference", {**dict(case.base), name: value}, inputs=case.inputs)
+        changes.append(max(_relative(a, b, start) for a, b, start in zip(got[0], default[0], weights)))
+    assert max(changes) > 1e-3, f"{name}: its test values change the result by at most {max(changes):.2g}"
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -287,3 +318,34 @@ def test_telemetry_needs_to_be_asked_for():
         opt.telemetry()
     with pytest.raises(ValueError, match="telemetry"):
         larsopt.LARS([torch.zeros(3, requires_grad=True)], telemetry="yes")
+
+
+def test_lars_constructor_takes_every_option_with_its_declared_default():
+    """LARS's signature lists each option it exposes (every group key but 'lars', a group-only key) with
+    the declared default, and a value given there reaches the param groups."""
+    import inspect
+
+    parameters = inspect.signature(larsopt.LARS.__init__).parameters
+    defaults = O.group_defaults()
+    for key, default in defaults.items():
+        if key == "lars":
+            continue
+        assert key in parameters, f"LARS.__init__ lacks {key}"
+        assert parameters[key].default == default or parameters[key].default is default, key
+    for name, case in OPTIONS.items():
+        key = O._GROUP_KEYS.get(name)
+        if key is None or key == "lars":
+            continue
+        value = case.values[0]
+        extra = dict(case.base)
+        optimizer = larsopt.LARS([torch.zeros(3, requires_grad=True)], **{**extra, key: value})
+        assert optimizer.param_groups[0][key] is value or optimizer.param_groups[0][key] == value, key
+
+
+def test_stats_of_the_wrong_shape_are_refused_before_any_update():
+    params = [torch.ones(3), torch.ones(2)]
+    with pytest.raises(ValueError, match="stats"):
+        F.lars(params, [torch.ones(3), torch.ones(2)], [None, None], lr=0.1, stats=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="stats"):
+        F.lars(params, [torch.ones(3), torch.ones(2)], [None, None], lr=0.1, stats=torch.zeros(2, 3, dtype=torch.int64))
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)

@@ -158,6 +158,11 @@ def lars(
         raise TypeError(f"lars() takes a LarsOptions or option keywords, not both (got {sorted(option_values)})")
     if impl not in IMPLS:
         raise ValueError(f"Invalid impl: {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
+    if stats is not None and (not isinstance(stats, Tensor) or stats.shape != (len(params), 3)
+                              or stats.dtype != torch.float32):
+        raise ValueError(f"Invalid stats: expected a float32 tensor of shape ({len(params)}, 3), got "
+                         f"{tuple(stats.shape) if isinstance(stats, Tensor) else type(stats).__name__}"
+                         f"{' ' + str(stats.dtype) if isinstance(stats, Tensor) else ''}")
     if not params:
         return
     if master_params is None:

@@ -85,6 +85,8 @@ class LARS(Optimizer):
             gradient step: no weight decay, no clip; Bolts, apex LARC).
         fallback_on: ``"zero_norm"`` (|w| or |g| is 0; MXNet) or ``"zero_denominator"`` (|w| or the
             denominator without epsilon is 0; pytorch-optimizer, optax, FAIR SSL).
+        momentum_correction: scale the momentum by lr / the previous step's lr (MXNet 1.x, the MLPerf
+            MXNet reference); the previous lr is kept in the group as ``previous_lr``.
         The peers' own signatures over these options are in :mod:`larsopt.presets`.
         capturable: the step will be captured in a CUDA graph (``torch.cuda.graph``). Needs ``lr``
             as a 0-d tensor, on the params' device when the graph is captured (change it in place
@@ -133,6 +135,7 @@ class LARS(Optimizer):
         adapt_when: str = "always",
         fallback: str = "ratio_one",
         fallback_on: str = "zero_norm",
+        momentum_correction: bool = False,
     ) -> None:
         defaults = group_defaults(
             lr=lr, momentum=momentum, eta=eta, epsilon=epsilon, weight_decay=weight_decay, nesterov=nesterov,
@@ -140,7 +143,7 @@ class LARS(Optimizer):
             clip_gradient=clip_gradient, maximize=maximize, impl=impl, multi_precision=multi_precision,
             norm_source=norm_source, lazy_update=lazy_update, stochastic_rounding=stochastic_rounding,
             capturable=capturable, telemetry=telemetry, dampening=dampening, buffer_start=buffer_start,
-            adapt_when=adapt_when, fallback=fallback, fallback_on=fallback_on,
+            adapt_when=adapt_when, fallback=fallback, fallback_on=fallback_on, momentum_correction=momentum_correction,
         )
         check_group(defaults)
         if isinstance(params, Tensor):
@@ -151,8 +154,15 @@ class LARS(Optimizer):
         self.generator = generator
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles defaults, state and param_groups only: a copy (deepcopy, pickle,
+        # torch.save of the whole optimizer) also takes the generator, in its current state, so
+        # that it draws the same stochastic rounding as the original.
+        return {**super().__getstate__(), "generator": self.generator}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("generator", None)  # pickled before the generator was kept
         for key, setting in OPTIMIZER_SETTINGS.items():  # pickled before the setting existed
             self.defaults.setdefault(key, setting.default)
             for group in self.param_groups:
@@ -160,7 +170,7 @@ class LARS(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_group({**self.defaults, **param_group})
-        unknown = set(param_group) - set(self.defaults) - {"params", "param_names"}
+        unknown = set(param_group) - set(self.defaults) - {"params", "param_names", "previous_lr"}
         if unknown:
             raise ValueError(f"Invalid param group key(s) {sorted(unknown)}; allowed keys are "
                              f"'params', 'param_names' and {sorted(self.defaults)}")
@@ -254,12 +264,30 @@ class LARS(Optimizer):
             names = None
             if group.get("param_names") and sharded.possible():  # (only for the errors of sharded params)
                 names = [name for name, param in zip(group["param_names"], group["params"]) if param.grad is not None]
+            previous_lr = group.get("previous_lr") if group["momentum_correction"] else None
             F.lars(params, grads, buffers, LarsOptions.from_group(group), master_params=masters, grad_scale=grad_scale,
-                   found_inf=found_inf, generator=self.generator, stats=stats, param_names=names, impl=group["impl"])
+                   found_inf=found_inf, generator=self.generator, stats=stats, param_names=names,
+                   previous_lr=previous_lr, impl=group["impl"])
             for index, state in new_buffers:  # (the core made first steps' buffers in the list)
                 state["momentum_buffer"] = buffers[index]
+            if group["momentum_correction"] and params:
+                self._keep_previous_lr(group)
         self._last_telemetry = telemetry
         return loss
+
+    @staticmethod
+    def _keep_previous_lr(group: dict[str, Any]) -> None:
+        """Per-group state of momentum_correction: this step's lr, saved with the group by state_dict. A
+        tensor lr is copied into a tensor of the group's own, in place after the first step (so a
+        captured graph keeps reading the same tensor)."""
+        lr = group["lr"]
+        previous = group.get("previous_lr")
+        if not isinstance(lr, Tensor):
+            group["previous_lr"] = float(lr)
+        elif isinstance(previous, Tensor) and previous.device == lr.device and previous.dtype == lr.dtype:
+            previous.copy_(lr)
+        else:
+            group["previous_lr"] = lr.detach().clone()
 
     def telemetry(self) -> Telemetry:
         """|w|, |g| and the trust ratio of each param at the last step (of the groups built with

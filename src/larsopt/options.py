@@ -106,7 +106,7 @@ class Option:
 
 
 def _option(default: Any, doc: str, check: Callable[[str, Any], None], *, group_key: str | None = "",
-            saved_since_first_release: bool = True) -> Any:
+            saved_since_first_release: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"option": Option(
         doc, check, group_key, saved_since_first_release)})
 
@@ -115,56 +115,62 @@ def _option(default: Any, doc: str, check: Callable[[str, Any], None], *, group_
 class LarsOptions:
     """The hyper-parameters and switches of one LARS step (formulas in :mod:`larsopt.functional`)."""
 
+    # The options of the first release: a saved state must hold them.
     lr: float | Tensor = _option(0.1, "learning rate: a float or a 0-d floating tensor (a tensor changes without "
-                                      "a recompile or a host sync)", _nonnegative)
-    momentum: float = _option(0.0, "momentum mu in [0, 1); 0 keeps no momentum buffer", _momentum)
-    eta: float = _option(0.001, "trust coefficient", _nonnegative)
-    epsilon: float = _option(1e-8, "added to the trust-ratio denominator", _nonnegative)
+                                      "a recompile or a host sync)", _nonnegative, saved_since_first_release=True)
+    momentum: float = _option(0.0, "momentum mu in [0, 1); 0 keeps no momentum buffer", _momentum,
+                              saved_since_first_release=True)
+    eta: float = _option(0.001, "trust coefficient", _nonnegative, saved_since_first_release=True)
+    epsilon: float = _option(1e-8, "added to the trust-ratio denominator", _nonnegative,
+                             saved_since_first_release=True)
     weight_decay: float = _option(0.0, "L2 coefficient wd, added to the gradient (coupled, as in the paper)",
-                                  _nonnegative)
+                                  _nonnegative, saved_since_first_release=True)
     adapt: bool = _option(True, "apply the trust ratio (False: lam = 1, e.g. biases and norm layers; weight decay "
-                                "still applies)", _boolean, group_key="lars")
-    nesterov: bool = _option(False, "Nesterov momentum (needs momentum > 0)", _boolean)
+                                "still applies)", _boolean, group_key="lars", saved_since_first_release=True)
+    nesterov: bool = _option(False, "Nesterov momentum (needs momentum > 0)", _boolean,
+                             saved_since_first_release=True)
     momentum_form: str = _option("paper", "'paper' (lr inside the buffer: LARS, MXNet, MLPerf) or 'torch' (lr "
-                                          "outside: torch SGD, timm, LARC)", _one_of(MOMENTUM_FORMS))
+                                          "outside: torch SGD, timm, LARC)", _one_of(MOMENTUM_FORMS),
+                                 saved_since_first_release=True)
     trust_norm: str = _option("sum", "trust-ratio denominator: 'sum' |g| + wd |w| or 'update' |g + wd w|",
-                              _one_of(TRUST_NORMS))
-    trust_clip: bool = _option(False, "LARC clip mode: the step size is min(lr * lam, lr)", _boolean)
-    rescale_grad: float = _option(1.0, "gradient multiplier, inside the trust-ratio norm (MXNet)", _finite)
+                              _one_of(TRUST_NORMS), saved_since_first_release=True)
+    trust_clip: bool = _option(False, "LARC clip mode: the step size is min(lr * lam, lr)", _boolean,
+                               saved_since_first_release=True)
+    rescale_grad: float = _option(1.0, "gradient multiplier, inside the trust-ratio norm (MXNet)", _finite,
+                                  saved_since_first_release=True)
     clip_gradient: float | None = _option(None, "element-wise clip of the rescaled gradient after the norm, before "
-                                                "weight decay (None: off)", _clip)
-    maximize: bool = _option(False, "maximise the objective instead of minimising it", _boolean)
+                                                "weight decay (None: off)", _clip, saved_since_first_release=True)
+    maximize: bool = _option(False, "maximise the objective instead of minimising it", _boolean,
+                             saved_since_first_release=True)
     norm_source: str = _option("master", "with master copies, take |w| from the 'master' or from the 'param' as "
-                                         "stored (MXNet's fused path)", _one_of(NORM_SOURCES))
+                                         "stored (MXNet's fused path)", _one_of(NORM_SOURCES),
+                               saved_since_first_release=True)
     math_dtype: torch.dtype | None = _option(None, "dtype of the update arithmetic (None: the param dtype, at least "
                                                    "float32); MXNet's float16 kernels without masters use float16",
                                              _dtype_or_none, group_key=None)
     lazy_update: bool = _option(True, "sparse gradients: True changes only the rows present, False gives the dense "
-                                      "result", _boolean)
+                                      "result", _boolean, saved_since_first_release=True)
     stochastic_rounding: bool = _option(False, "write bfloat16 params without a master back with unbiased "
-                                               "stochastic rounding", _boolean)
+                                               "stochastic rounding", _boolean, saved_since_first_release=True)
+    # Added later: a state saved before them loads with their defaults.
     dampening: float = _option(0.0, "momentum dampening d in [0, 1]: the buffer takes (1 - d) of each update "
-                                    "(torch SGD)", _dampening, saved_since_first_release=False)
+                                    "(torch SGD)", _dampening)
     buffer_start: str = _option("update", "a first step's momentum buffer: 'update' (the update itself, undampened: "
                                           "torch SGD, timm, Bolts, LARC) or 'zeros' (dampened from the first step: "
-                                          "pytorch-optimizer); the same without dampening",
-                                _one_of(BUFFER_STARTS), saved_since_first_release=False)
+                                          "pytorch-optimizer); the same without dampening", _one_of(BUFFER_STARTS))
     adapt_when: str = _option("always", "'always', or 'weight_decay': the trust ratio applies only while the group's "
-                                        "weight_decay != 0 (timm without always_adapt, Bolts)", _one_of(ADAPT_WHEN),
-                              saved_since_first_release=False)
+                                        "weight_decay != 0 (timm without always_adapt, Bolts)", _one_of(ADAPT_WHEN))
     fallback: str = _option("ratio_one", "a tensor whose trust ratio falls back: 'ratio_one' (lam = 1, clipped under "
                                          "trust_clip, weight decay kept: MXNet, timm, MLPerf, optax) or 'plain_step' "
                                          "(its plain gradient step: no weight decay, no clip: Bolts, apex LARC)",
-                            _one_of(FALLBACKS), saved_since_first_release=False)
+                            _one_of(FALLBACKS))
     fallback_on: str = _option("zero_norm", "when the ratio falls back: 'zero_norm' (|w| or |g| is 0, or |g + wd w| "
                                             "for trust_norm='update': MXNet) or 'zero_denominator' (|w| is 0 or the "
                                             "denominator without epsilon is 0: pytorch-optimizer, optax, FAIR SSL); "
-                                            "always when a norm is not finite", _one_of(FALLBACK_ON),
-                               saved_since_first_release=False)
+                                            "always when a norm is not finite", _one_of(FALLBACK_ON))
     momentum_correction: bool = _option(False, "scale the momentum by lr / the previous step's lr, so a changing lr "
                                                "does not rescale past steps (MXNet 1.x, MLPerf MXNet); the step "
-                                               "needs previous_lr, which LARS keeps per group", _boolean,
-                                        saved_since_first_release=False)
+                                               "needs previous_lr, which LARS keeps per group", _boolean)
 
     def check(self, names: Mapping[str, str] | None = None) -> LarsOptions:
         """Raise ``ValueError`` naming the first bad option (as ``names`` spells it, if given); return
@@ -253,22 +259,37 @@ def group_keys_saved_since_first_release() -> set[str]:
     return {key for name, key in _GROUP_KEYS.items() if _FIELDS[name].saved_since_first_release}
 
 
-#: A path's declaration of what it implements: option name -> the values it computes exactly like
-#: the reference (:data:`ANY`: every value). An option a path does not list is implemented only at
-#: its default, so a new option can never be silently ignored by a fast path.
-ANY = None
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
 
 
-def unsupported(options: LarsOptions, supported: Mapping[str, tuple[Any, ...] | None]) -> str | None:
-    """The first option of ``options`` whose value is outside ``supported``, or ``None``."""
-    for name, default in DEFAULTS.items():
+#: In a path's ``SUPPORTED`` table: every value of the option (``None`` is a value, of clip_gradient).
+ANY = _Any()
+
+_RESTRICTIONS: dict[int, tuple[Mapping[str, Any], list[tuple[str, tuple[Any, ...]]]]] = {}
+
+
+def _restrictions(supported: Mapping[str, tuple[Any, ...] | _Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """(option, values it may take) for every option ``supported`` limits, an option it does not list
+    being limited to its default. Worked out once per table."""
+    cached = _RESTRICTIONS.get(id(supported))
+    if cached is None or cached[0] is not supported:
+        limits = [(name, (DEFAULTS[name],) if name not in supported else supported[name])
+                  for name in DEFAULTS if supported.get(name) is not ANY]
+        cached = _RESTRICTIONS[id(supported)] = (supported, limits)
+    return cached[1]
+
+
+def unsupported(options: LarsOptions, supported: Mapping[str, tuple[Any, ...] | _Any]) -> str | None:
+    """The name of the first option of ``options`` whose value a path's ``supported`` table does not
+    list (an option missing from the table is implemented only at its default), or ``None``.
+
+    A path's table maps option name -> the values it computes exactly like the reference, or
+    :data:`ANY`. Tables are written out by hand, so an option added later is never implemented by a
+    fast path until its table says so."""
+    for name, allowed in _restrictions(supported):
         value = getattr(options, name)
-        if name in supported:
-            allowed = supported[name]
-            if allowed is ANY or any(value is choice or (not isinstance(value, Tensor) and value == choice)
-                                     for choice in allowed):
-                continue
-            return name
-        if not (value is default or (not isinstance(value, Tensor) and value == default)):
+        if not any(value is choice or (not isinstance(value, Tensor) and value == choice) for choice in allowed):
             return name
     return None

@@ -32,10 +32,14 @@ from larsopt.options import ANY, LarsOptions
 
 
 #: What this path computes exactly like the reference (other values go to the reference).
-SUPPORTED = {name: ANY for name in (
-    "lr", "momentum", "eta", "epsilon", "weight_decay", "adapt", "nesterov", "momentum_form", "trust_norm", "trust_clip",
-    "rescale_grad", "clip_gradient", "maximize", "norm_source", "lazy_update", "stochastic_rounding",
-)} | {"math_dtype": (None,)}
+SUPPORTED = {
+    **{name: ANY for name in ("lr", "momentum", "eta", "epsilon", "weight_decay", "adapt", "nesterov", "trust_clip",
+                              "rescale_grad", "clip_gradient", "maximize", "norm_source", "lazy_update",
+                              "stochastic_rounding")},
+    "momentum_form": ("paper", "torch"),
+    "trust_norm": ("sum", "update"),
+    "math_dtype": (None,),
+}
 
 
 def covers(param: Tensor, grad: Tensor, master: Tensor | None, options: LarsOptions) -> bool:
@@ -241,6 +245,8 @@ def lars_step(
             one = group(rows)
             one.finish(rows, one.sums(options) if options.adapt else None, options, found_inf, stats)
         return rest
+    if not indices:
+        return rest  # (the same on every rank: coverage depends on dtypes, layouts and options only)
     groups = [group(rows) for rows in indices]
     sums = reduce_sums(torch.cat([one.sums(options) for one in groups]))
     for one, rows, group_sums in zip(groups, indices, sums.split([len(rows) for rows in indices])):
