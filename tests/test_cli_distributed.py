@@ -78,7 +78,18 @@ def _sees_a_gpu() -> None:
     torch.cuda.set_device = lambda index: None
 
 
-PATCHES = {"signal after step 4": _signal_after_step_4, "sees a gpu": _sees_a_gpu}
+def _cannot_import_the_model() -> None:
+    from larsopt.cli import models
+    from larsopt.cli.errors import UsageError
+
+    def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+        raise UsageError(f"--model {name}: cannot import it on this node")
+
+    models.build = build
+
+
+PATCHES = {"signal after step 4": _signal_after_step_4, "sees a gpu": _sees_a_gpu,
+           "cannot import the model": _cannot_import_the_model}
 
 
 def ranks(*arguments: str, patches: dict[int, str] | None = None) -> list[tuple[int, str, str]]:
@@ -192,6 +203,8 @@ def test_an_indivisible_batch_is_one_line(tmp_path: Path) -> None:
 def test_bad_input_of_one_rank_and_mixed_devices_are_one_line(tmp_path: Path) -> None:
     line = one_line_from_rank_0(ranks(*QUICK, "--out", str(tmp_path / "run"), patches={1: "sees a gpu"}))
     assert "rank 0: cpu, rank 1: cuda" in line and "--device auto" in line
+    line = one_line_from_rank_0(ranks(*QUICK, "--out", str(tmp_path / "run"), patches={1: "cannot import the model"}))
+    assert line == "larsopt: error: rank 1: --model mlp: cannot import it on this node"
     results = ranks(*QUICK, "--out", str(tmp_path / "run"), "--data", "synthetic:201", "--batch-size", "160")
     assert "last batch" in one_line_from_rank_0(results) and "161 mod 160 = 1" in results[0][2]
     assert not (tmp_path / "run").exists()

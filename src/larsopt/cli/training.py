@@ -242,20 +242,24 @@ class Trainer:
         self.config = config
         self.processes = processes
         self.device = torch.device(config.device)
-        torch.manual_seed(config.seed)
-        self.model = models.build(config.model, dataset.input_shape, dataset.num_classes).to(self.device)
-        self.x_train, self.y_train = dataset.x_train.to(self.device), dataset.y_train.to(self.device)
-        self.x_test, self.y_test = dataset.x_test.to(self.device), dataset.y_test.to(self.device)
-        models.check_fits(self.model, config.model, self.x_train[:2], dataset.num_classes)
-        if config.batch_size > len(dataset.x_train):
-            raise UsageError(f"--batch-size {config.batch_size}: larger than the training set of {dataset.name} "
-                             f"({len(dataset.x_train)} samples); use at most {len(dataset.x_train)}")
-        last_batch = len(dataset.x_train) % config.batch_size
-        if 0 < last_batch < processes.world_size:
-            raise UsageError(f"--batch-size {config.batch_size} on {processes.world_size} processes: the last batch of "
-                             f"each epoch ({len(dataset.x_train)} mod {config.batch_size} = {last_batch} samples) "
-                             "leaves a process without samples; choose a batch size that divides the "
-                             f"{len(dataset.x_train)} training samples or leaves at least {processes.world_size}")
+        try:
+            torch.manual_seed(config.seed)
+            self.model = models.build(config.model, dataset.input_shape, dataset.num_classes).to(self.device)
+            self.x_train, self.y_train = dataset.x_train.to(self.device), dataset.y_train.to(self.device)
+            self.x_test, self.y_test = dataset.x_test.to(self.device), dataset.y_test.to(self.device)
+            models.check_fits(self.model, config.model, self.x_train[:2], dataset.num_classes)
+            if config.batch_size > len(dataset.x_train):
+                raise UsageError(f"--batch-size {config.batch_size}: larger than the training set of {dataset.name} "
+                                 f"({len(dataset.x_train)} samples); use at most {len(dataset.x_train)}")
+            last_batch = len(dataset.x_train) % config.batch_size
+            if 0 < last_batch < processes.world_size:
+                raise UsageError(f"--batch-size {config.batch_size} on {processes.world_size} processes: the last "
+                                 f"batch of each epoch ({len(dataset.x_train)} mod {config.batch_size} = {last_batch} "
+                                 "samples) "
+                                 "leaves a process without samples; choose a batch size that divides the "
+                                 f"{len(dataset.x_train)} training samples or leaves at least {processes.world_size}")
+        except UsageError as error:
+            processes.agree(error)  # (raises it on every rank)
         processes.agree()
         self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
