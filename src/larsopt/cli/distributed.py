@@ -124,7 +124,9 @@ class Processes:
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # (--device cuda is the GPU torch.cuda.set_device chose for this rank: LOCAL_RANK.)
+            return DistributedDataParallel(
+                model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
         if self.parallel == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
