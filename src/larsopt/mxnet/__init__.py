@@ -12,6 +12,9 @@ The same classes, arguments and numbers as ``mxnet.optimizer`` and ``mxnet.lr_sc
 
 Weights, grads and states are torch tensors on any device, or numpy arrays (updated in
 place). Deliberate differences from MXNet (its bugs) are listed in docs/mxnet-compatibility.md.
+
+MXNet 1.x's LARS (1.6-1.9: ``eps=0``, momentum correction, ``lazy_update=True``) is
+:mod:`larsopt.mxnet.v1`: ``from larsopt.mxnet import v1; v1.LARS(...)``.
 """
 
 from larsopt.mxnet import lr_scheduler
@@ -19,6 +22,7 @@ from larsopt.mxnet.errors import MXNetAssertionError, MXNetAssertionTypeError
 from larsopt.mxnet.lars import LARS
 from larsopt.mxnet.optimizer import Optimizer, create, register
 from larsopt.mxnet.updater import Updater, get_updater
+from larsopt.mxnet import v1  # noqa: E402,I001 (after the classes it builds on)
 
 __all__ = ["LARS", "MXNetAssertionError", "MXNetAssertionTypeError", "Optimizer", "Updater", "create", "get_updater",
-           "lr_scheduler", "register"]
+           "lr_scheduler", "register", "v1"]

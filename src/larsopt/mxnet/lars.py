@@ -18,30 +18,25 @@ Where MXNet's paths disagree because of bugs, this class does one thing on every
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
-from torch import Tensor
-
-from larsopt import functional
-from larsopt.mxnet import _arrays, _checks
+from larsopt.mxnet import _arrays, _checks, _step
 from larsopt.mxnet.errors import MXNetAssertionError
 from larsopt.mxnet.optimizer import Index, Optimizer, as_lists, register
+from larsopt.options import LarsOptions
 
 #: Name suffixes that MXNet's LARS exempts from the trust ratio (their weight decay stays).
 EXCLUDED_NAME_SUFFIXES = ("gamma", "beta", "bias")
 
 _ONE_X_FRONT_END = ("For MXNet 1.x numbers (eps=0 by default, momentum correction, lazy_update=True by "
-                    "default) use an MXNet 1.x front-end, not this MXNet 2.0 class.")
+                    "default) use larsopt.mxnet.v1.LARS, not this MXNet 2.0 class.")
 
 
-class _Member(NamedTuple):
-    """One weight of an update call, resolved into what the functional core takes."""
-
-    param: Tensor
-    grad: Tensor
-    momentum_buffer: Tensor | None
-    master: Tensor | None
+def uses_trust_ratio(idx2name: dict[Index, str], index: Index) -> bool:
+    """Whether ``index`` gets the trust ratio: not if its name (``idx2name``, else ``str(index)``)
+    ends in gamma, beta or bias (plain ``str.endswith``, as MXNet 1.x and 2.0)."""
+    name = idx2name[index] if index in idx2name else str(index)
+    return not name.endswith(EXCLUDED_NAME_SUFFIXES)
 
 
 @register
@@ -115,10 +110,8 @@ class LARS(Optimizer):
         return _arrays.zeros_like(weight)
 
     def uses_trust_ratio(self, index: Index) -> bool:
-        """Whether ``index`` gets the trust ratio: not if its name (``idx2name``, else
-        ``str(index)``) ends in gamma, beta or bias (plain ``str.endswith``, as MXNet)."""
-        name = self.idx2name[index] if index in self.idx2name else str(index)
-        return not name.endswith(EXCLUDED_NAME_SUFFIXES)
+        """Whether ``index`` gets the trust ratio (:func:`uses_trust_ratio`)."""
+        return uses_trust_ratio(self.idx2name, index)
 
     def step(self, indices: Any, weights: Any, grads: Any, states: Any) -> None:
         """MXNet's unfused path: each weight in turn counts, then takes its lr and wd.
@@ -150,89 +143,37 @@ class LARS(Optimizer):
         self._apply(indices, members, lrs, wds, norm_source="param", lazy_update=self.lazy_update)
 
     def _members(self, indices: Sequence[Index], weights: Sequence[Any], grads: Sequence[Any],
-                 states: Sequence[Any]) -> list[tuple[_Member, torch.dtype | None]]:
-        """Every weight of the call checked and resolved (see :meth:`_member`)."""
-        return [self._member(*arrays) for arrays in zip(indices, weights, grads, states)]
+                 states: Sequence[Any]) -> list[_step.Member]:
+        """Every weight of the call checked and resolved; a float16 weight's state under
+        ``multi_precision`` is MXNet 2.0's ``(master_fp32, momentum)`` pair."""
+        return [_step.resolve(*arrays, multi_precision=self.multi_precision, pair=("master", "momentum"))
+                for arrays in zip(indices, weights, grads, states)]
 
-    @torch.no_grad()
-    def _apply(self, indices: Sequence[Index], members: Sequence[tuple[_Member, torch.dtype | None]],
-               lrs: Sequence[float], wds: Sequence[float], *, norm_source: str, lazy_update: bool) -> None:
-        """Group the weights by what the core takes as scalars and call it once per group.
+    def _apply(self, indices: Sequence[Index], members: Sequence[_step.Member], lrs: Sequence[float],
+               wds: Sequence[float], *, norm_source: str, lazy_update: bool) -> None:
+        """One :class:`~larsopt.options.LarsOptions` per weight, handed to the core (checked: a
+        negative lr from a scheduler or weight decay is a ``ValueError``).
 
-        Runs without autograd: the weights may be a model's parameters (leaves that require grad).
         The hyper-parameters reach the core as Python floats and bools (NumPy scalars are accepted here).
         """
         # The fused kernels clip iff clip_gradient >= 0, and step with momentum only if it is > 0.
         clip = float(self.clip_gradient) if self.clip_gradient is not None and self.clip_gradient >= 0 else None
-        groups: dict[tuple, list[_Member]] = {}
-        for index, (member, math_dtype), lr, wd in zip(indices, members, lrs, wds):
-            momentum = float(self.momentum) if member.momentum_buffer is not None and self.momentum > 0 else 0.0
-            key = (float(lr), float(wd), self.uses_trust_ratio(index), momentum, math_dtype)
-            groups.setdefault(key, []).append(member)
-        for (lr, wd, adapt, momentum, math_dtype), members in groups.items():
-            functional.lars(
-                [member.param for member in members],
-                [member.grad for member in members],
-                [member.momentum_buffer for member in members],
-                lr=lr,
-                weight_decay=wd,
-                momentum=momentum,
+        options = [
+            LarsOptions(
+                lr=float(lr),
+                weight_decay=float(wd),
+                momentum=float(self.momentum) if member.momentum_buffer is not None and self.momentum > 0 else 0.0,
                 eta=float(self.eta),
                 epsilon=float(self.epsilon),
-                adapt=adapt,
+                adapt=self.uses_trust_ratio(index),
                 momentum_form="paper",
                 trust_norm="sum",
                 rescale_grad=float(self.rescale_grad),
                 clip_gradient=clip,
-                master_params=[member.master for member in members],
                 norm_source=norm_source,
-                math_dtype=math_dtype,
+                math_dtype=member.math_dtype,
                 lazy_update=bool(lazy_update),
             )
-
-    def _member(self, index: Index, weight: Any, grad: Any, state: Any) -> tuple[_Member, torch.dtype | None]:
-        """Torch views of one weight's arrays, checked, and the dtype its update is computed in.
-
-        Raises ``TypeError`` for an array of the wrong kind or dtype (integer weights would be
-        truncated) and ``ValueError`` for a grad or state whose shape is not the weight's.
-        """
-        param = _arrays.as_tensor(weight, f"weight of index {index!r}", writable=True)
-        grad_tensor = _arrays.as_tensor(grad, f"grad of index {index!r}", writable=False)
-        _arrays.check_floating(param, f"weight of index {index!r}")
-        _arrays.check_floating(grad_tensor, f"grad of index {index!r}")
-        if param.layout != torch.strided:
-            raise TypeError(f"weight of index {index!r} must be dense, got layout {param.layout}")
-        if grad_tensor.shape != param.shape:
-            raise ValueError(f"grad of index {index!r} has shape {tuple(grad_tensor.shape)}, its weight "
-                             f"{tuple(param.shape)}")
-        if grad_tensor.is_sparse:
-            if grad_tensor.sparse_dim() != 1:
-                raise ValueError(f"grad of index {index!r} is sparse with sparse_dim={grad_tensor.sparse_dim()}; "
-                                 "only row-sparse gradients (sparse_dim == 1, MXNet's row_sparse) are supported")
-            # MXNet's row_sparse rows are unique; coalescing (a new tensor) sums duplicate rows.
-            grad_tensor = grad_tensor.coalesce()
-        master = None
-        if self.multi_precision and param.dtype == torch.float16:
-            if not (isinstance(state, (tuple, list)) and len(state) == 2):
-                raise ValueError(f"state of float16 index {index!r} under multi_precision must be the "
-                                 "(master_fp32, momentum) pair of create_state_multi_precision, got "
-                                 f"{type(state).__name__}")
-            master = self._state_tensor(state[0], f"master weight of index {index!r}", param)
-            state = state[1]
-        buffer = None if state is None else self._state_tensor(state, f"state of index {index!r}", param)
-        # float16 without a master computes in float16, as MXNet's float16 kernels do.
-        math_dtype = torch.float16 if param.dtype == torch.float16 and master is None else None
-        return _Member(param, grad_tensor, buffer, master), math_dtype
-
-    @staticmethod
-    def _state_tensor(state: Any, what: str, param: Tensor) -> Tensor:
-        """A state array as a tensor updated in place; it must be dense, floating and of the
-        weight's shape (the same number of elements in another shape is an error too)."""
-        tensor = _arrays.as_tensor(state, what, writable=True)
-        _arrays.check_floating(tensor, what)
-        if tensor.layout != torch.strided:
-            raise TypeError(f"{what} must be dense, got layout {tensor.layout}")
-        if tensor.shape != param.shape:
-            raise ValueError(f"{what} has shape {tuple(tensor.shape)}, its weight {tuple(param.shape)}; "
-                             "a state must have its weight's shape (create it with create_state)")
-        return tensor
+            for index, member, lr, wd in zip(indices, members, lrs, wds)
+        ]
+        _step.run(members, options, check=LarsOptions.check)

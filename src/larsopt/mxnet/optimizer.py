@@ -161,27 +161,28 @@ class Optimizer:
 
     # ----------------------------------------------------------------------------- registry
 
-    @staticmethod
-    def register(klass: type[Optimizer]) -> type[Optimizer]:
-        """Register ``klass`` under ``klass.__name__.lower()`` for :meth:`create_optimizer`."""
+    @classmethod
+    def register(cls, klass: type[Optimizer]) -> type[Optimizer]:
+        """Register ``klass`` under ``klass.__name__.lower()`` for :meth:`create_optimizer` (in the
+        registry of the class it is called on: MXNet 2.0's here, 1.x's in :mod:`larsopt.mxnet.v1`)."""
         if not isinstance(klass, type):
             raise MXNetAssertionError(f"register expects a class, got {klass!r}")
         name = klass.__name__.lower()
-        if name in Optimizer.opt_registry:
-            old = Optimizer.opt_registry[name]
+        if name in cls.opt_registry:
+            old = cls.opt_registry[name]
             warnings.warn(
                 f"WARNING: New optimizer {klass.__module__}.{klass.__name__} is overriding "
                 f"existing optimizer {old.__module__}.{old.__name__}",
                 stacklevel=2,
             )
-        Optimizer.opt_registry[name] = klass
+        cls.opt_registry[name] = klass
         return klass
 
-    @staticmethod
-    def create_optimizer(name: str, **kwargs: Any) -> Optimizer:
+    @classmethod
+    def create_optimizer(cls, name: str, **kwargs: Any) -> Optimizer:
         """Instantiate the optimizer registered as ``name`` (case-insensitive) with ``kwargs``."""
-        if name.lower() in Optimizer.opt_registry:
-            return Optimizer.opt_registry[name.lower()](**kwargs)
+        if name.lower() in cls.opt_registry:
+            return cls.opt_registry[name.lower()](**kwargs)
         raise ValueError(f"Cannot find optimizer {name}")
 
     # ----------------------------------------------------------------------------- lr / wd
@@ -263,10 +264,18 @@ class Optimizer:
             return table.get(self.idx2name[index], 1.0)
         return 1.0
 
+    def _base_lr(self) -> float:
+        """The global lr of an update call: ``lr_scheduler(num_update)`` (one scheduler call) if a
+        scheduler is set, else ``lr``."""
+        return self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
+
+    def _lrs_from(self, lr: float, indices: Sequence[Index]) -> list[float]:
+        """The global ``lr`` times each index's lr multiplier."""
+        return [lr * self._multiplier(index, self.lr_mult, "lr_mult") for index in indices]
+
     def _get_lrs(self, indices: Sequence[Index]) -> list[float]:
         """The lr of each index: the global lr (scheduler called once) times its multiplier."""
-        lr = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
-        return [lr * self._multiplier(index, self.lr_mult, "lr_mult") for index in indices]
+        return self._lrs_from(self._base_lr(), indices)
 
     def _get_lr(self, index: Index) -> float:
         return self._get_lrs([index])[0]
