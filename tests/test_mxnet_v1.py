@@ -75,16 +75,16 @@ def make_optimizer(case, monkeypatch):
     return opt
 
 
-def make_grad(values, dtype, rows):
-    dense = torch.tensor(values, dtype=DT[dtype])
+def make_grad(values, dtype, rows, device):
+    dense = torch.tensor(values, dtype=DT[dtype], device=device)
     if rows is None:
         return dense
     rows = sorted(rows)
-    return torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.int64).reshape(1, len(rows)), dense[rows],
-                                   size=dense.shape).coalesce()
+    indices = torch.tensor([rows], dtype=torch.int64, device=device).reshape(1, len(rows))
+    return torch.sparse_coo_tensor(indices, dense[rows], size=dense.shape).coalesce()
 
 
-def run(case, monkeypatch, *, driver=None):
+def run(case, monkeypatch, *, driver=None, device="cpu"):
     """Call v1.LARS as MXNet was called for ``case`` (or with another ``driver``); yield (weights, states,
     optimizer) after each step."""
     inp = INPUTS[case["inputs"]]
@@ -93,7 +93,7 @@ def run(case, monkeypatch, *, driver=None):
     indices = case["indices"]
     driver = driver or case["driver"]
     opt = make_optimizer(case, monkeypatch)
-    weights = [torch.tensor(w, dtype=DT[dtypes[p]]) for p, w in enumerate(inp["w"])]
+    weights = [torch.tensor(w, dtype=DT[dtypes[p]], device=device) for p, w in enumerate(inp["w"])]
     sparse = {} if case.get("all_rows_sparse") else {int(p): rows for p, rows in case.get("sparse", {}).items()}
     if driver == "updater":
         updater = v1.get_updater(opt)
@@ -102,7 +102,8 @@ def run(case, monkeypatch, *, driver=None):
     for t in range(len(inp["g"])):
         if str(t) in case.get("set_lr", {}):
             opt.set_learning_rate(case["set_lr"][str(t)])
-        grads = [make_grad(inp["g"][t][p], dtypes[p], sparse[p][t] if p in sparse else None) for p in range(count)]
+        grads = [make_grad(inp["g"][t][p], dtypes[p], sparse[p][t] if p in sparse else None, device)
+                 for p in range(count)]
         if driver == "updater":
             updater(list(indices), grads, weights)
             states = [updater.states.get(i) for i in indices]
@@ -117,7 +118,7 @@ def run(case, monkeypatch, *, driver=None):
 
 
 def as_float64(x):
-    return x.detach().to(torch.float64).numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+    return x.detach().cpu().to(torch.float64).numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
 
 
 def difference(what, got, expected, dtype, initial=None, rel=REL):
@@ -153,7 +154,7 @@ def state_parts(state):
     return {"mom": state}
 
 
-def replay(name, case, monkeypatch, *, driver=None, expected=None):
+def replay(case, monkeypatch, *, driver=None, expected=None, device="cpu"):
     """Differences between ``run`` and the recorded outputs (``expected``: another record to compare with)."""
     expected = expected or case["out"]
     inp = INPUTS[case["inputs"]]
@@ -163,7 +164,7 @@ def replay(name, case, monkeypatch, *, driver=None, expected=None):
     if "float16" in dtypes and not case["kw"].get("multi_precision"):
         rel = FLOAT16_WITHOUT_MASTER_REL
     errors = []
-    for t, (weights, states, opt) in enumerate(run(case, monkeypatch, driver=driver)):
+    for t, (weights, states, opt) in enumerate(run(case, monkeypatch, driver=driver, device=device)):
         for p, dtype in enumerate(dtypes):
             errors.append(difference(f"step {t + 1} weight {p}", weights[p], expected["weights"][t][p], dtype,
                                      inp["w"][p], rel))
@@ -210,7 +211,7 @@ def test_golden_file_on_every_way_of_calling(name, driver, monkeypatch):
     expected = EXTRA["cases"][f"golden/{name}@{record}"]["out"]
     file_numbers = golden["out"]["v1_default_agg4"]
     weights_seen = []
-    errors = replay(name, case, monkeypatch, driver=kind, expected=expected)
+    errors = replay(case, monkeypatch, driver=kind, expected=expected)
     for t, (weights, _, _) in enumerate(run(case, monkeypatch, driver=kind)):
         weights_seen.append([as_float64(w).copy() for w in weights])
         if not per_call_lr_change:
@@ -227,7 +228,14 @@ def test_golden_file_on_every_way_of_calling(name, driver, monkeypatch):
 
 @pytest.mark.parametrize("name", list(EXTRA["cases"]))
 def test_extra_golden(name, monkeypatch):
-    errors = replay(name, EXTRA["cases"][name], monkeypatch)
+    errors = replay(EXTRA["cases"][name], monkeypatch)
+    assert not errors, "\n".join(errors[:10])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(EXTRA["cases"]))
+def test_extra_golden_on_cuda(name, monkeypatch):
+    errors = replay(EXTRA["cases"][name], monkeypatch, device="cuda")
     assert not errors, "\n".join(errors[:10])
 
 

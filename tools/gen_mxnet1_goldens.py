@@ -99,7 +99,7 @@ def make_inputs(name, seed, shapes, steps, wscale, gscale, dtypes=None, sparse_r
     INPUTS[name] = dict(dtypes=dtypes, w=ws, g=gs)
 
 
-# The inputs of ../golden_mxnet_1.9.1.json (gen_golden.py's W0 and GS), for its cases on the other drivers.
+# The inputs of tests/data/golden_mxnet_1.9.1.json (its W0 and GS), for its cases on the other drivers.
 INPUTS['golden'] = dict(
     dtypes=['float32'] * 2,
     w=[np.array([[0.1, 0.2], [0.3, 0.4]], np.float32), np.array([0.5, -0.25, 0.125], np.float32)],
