@@ -1,10 +1,12 @@
-"""``larsopt compare``: LARS against SGD as the batch grows, same data, model and epochs.
+"""``larsopt compare``: optimizers side by side as the batch grows, same data, model and epochs.
 
-Both optimizers use the ``larsopt train`` recipe (warm-up, schedule, momentum, weight decay,
-exclusions, label smoothing); only the optimizer and its learning rate differ: LARS keeps its
-peak lr at every batch size, SGD follows the linear scaling rule (lr 0.1 * batch / 256) with the
-same warm-up (Goyal et al. 2017). Each point is the mean over three seeds (``--seed`` and the two
-after it): on digits one test image is 0.28 points of accuracy, about the gap being measured.
+By default LARS against SGD; ``--optimizers`` names any of ``larsopt train --optimizer``'s, such
+as the peers' LARS of ``larsopt.presets``. Every optimizer uses the ``larsopt train`` recipe
+(warm-up, schedule, momentum, weight decay, exclusions, label smoothing) as ``larsopt train
+--optimizer`` maps it; only the optimizer and its learning rate differ: LARS and the presets keep
+their peak lr at every batch size, SGD follows the linear scaling rule (lr 0.1 * batch / 256) with
+the same warm-up (Goyal et al. 2017). Each point is the mean over three seeds (``--seed`` and the
+two after it): on digits one test image is 0.28 points of accuracy, about the gap being measured.
 
 Every finished run is written to ``compare.json`` at once, so an interrupted compare keeps what it
 has done and ``--resume`` runs only the rest.
@@ -17,14 +19,14 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from larsopt.cli import data, distributed, outputs, plots
-from larsopt.cli.config import DEFAULT_LR, OPTIMIZERS, SEED_LIMIT, RunConfig, compare_defaults
+from larsopt.cli.config import DEFAULT_LR, SEED_LIMIT, RunConfig, compare_defaults, optimizer_name
 from larsopt.cli.errors import UsageError
-from larsopt.cli.options import COMPARE_BATCH_SIZES, COMPARE_SEEDS
+from larsopt.cli.options import COMPARE_BATCH_SIZES, COMPARE_OPTIMIZERS, COMPARE_SEEDS
 from larsopt.cli.progress import Progress
 from larsopt.cli.train import given_options, print_warnings, resolve, versions
 from larsopt.cli.training import COMPLETED, STOPPED, StopRequest, Trainer
@@ -36,21 +38,21 @@ COMPARE_FILES = (COMPARE_JSON, COMPARE_PNG)
 _PER_RUN = ("optimizer", "batch_size", "lr", "seed")
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Batch sizes down; per optimizer the mean +- standard deviation of the final test accuracy
-    over the seeds, the peak lr and the time of the fastest run."""
+def table(rows: list[dict[str, Any]], optimizers: list[str]) -> str:
+    """A line per batch size and optimizer (in ``optimizers``' order): the mean +- standard
+    deviation of the final test accuracy over the seeds, the peak lr and the time of the fastest
+    run."""
     sizes = sorted({row["batch_size"] for row in rows})
     by_key = {(row["optimizer"], row["batch_size"]): row for row in rows}
-    header = f"{'batch':>6} {'steps':>6}" + "".join(
-        f" {name.upper() + ' accuracy':>16} {'lr':>7} {'s':>5}" for name in OPTIMIZERS)
+    width = max(len("optimizer"), *map(len, optimizers))
+    header = f"{'batch':>6} {'steps':>6}  {'optimizer':<{width}} {'accuracy':>16} {'lr':>7} {'s':>5}"
     lines = [header, "-" * len(header)]
     for size in sizes:
-        cells = ""
-        for name in OPTIMIZERS:
+        for name in optimizers:
             row = by_key[(name, size)]
             accuracy = f"{row['final_test_accuracy']:.4f} +- {row['final_test_accuracy_std']:.4f}"
-            cells += f" {accuracy:>16} {row['peak_lr']:>7.4g} {row['wall_time_s']:>5.1f}"
-        lines.append(f"{size:>6} {by_key[(OPTIMIZERS[0], size)]['steps']:>6}{cells}")
+            lines.append(f"{size:>6} {row['steps']:>6}  {name:<{width}} {accuracy:>16} {row['peak_lr']:>7.4g} "
+                         f"{row['wall_time_s']:>5.1f}")
     return "\n".join(lines)
 
 
@@ -73,14 +75,25 @@ def _point(optimizer: str, size: int, runs: list[dict[str, Any]]) -> dict[str, A
     }
 
 
-def _plan(args: argparse.Namespace) -> tuple[RunConfig, list[int], list[int], dict[str, Any] | None]:
-    """The common settings, batch sizes, seeds and (with ``--resume``) the saved report."""
+class Plan(NamedTuple):
+    """What a compare runs: the common settings, the optimizers, batch sizes and seeds, and (with
+    ``--resume``) the saved report."""
+
+    base: RunConfig
+    optimizers: list[str]
+    sizes: list[int]
+    seeds: list[int]
+    report: dict[str, Any] | None
+
+
+def _plan(args: argparse.Namespace) -> Plan:
     given = given_options(args, "compare")
     if not args.resume:
         base = resolve(RunConfig(**{**compare_defaults(), **given}))
         print_warnings(base)
+        optimizers = args.optimizers or list(COMPARE_OPTIMIZERS)
         sizes = args.batch_sizes or list(COMPARE_BATCH_SIZES)
-        return base, sizes, [base.seed + offset for offset in range(COMPARE_SEEDS)], None
+        return Plan(base, optimizers, sizes, [base.seed + offset for offset in range(COMPARE_SEEDS)], None)
     if args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
     if args.out is None:
@@ -90,9 +103,11 @@ def _plan(args: argparse.Namespace) -> tuple[RunConfig, list[int], list[int], di
         report = json.loads(path.read_text())
         base = resolve(RunConfig.from_saved({**report["settings"], "seed": report["seeds"][0]}))
         sizes, seeds = [int(size) for size in report["batch_sizes"]], [int(seed) for seed in report["seeds"]]
+        # (A report written before --optimizers existed compared LARS and SGD.)
+        optimizers = [optimizer_name(name) for name in report.get("optimizers", COMPARE_OPTIMIZERS)]
     except FileNotFoundError:
         raise UsageError(f"--resume: no {COMPARE_JSON} in {args.out}") from None
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, argparse.ArgumentTypeError) as error:
         raise UsageError(f"--resume: {path} is not a larsopt compare report ({type(error).__name__})") from None
     typed = resolve(dataclasses.replace(base, **given))
     for name in given:
@@ -102,7 +117,18 @@ def _plan(args: argparse.Namespace) -> tuple[RunConfig, list[int], list[int], di
     if args.batch_sizes is not None and args.batch_sizes != sizes:
         raise UsageError(f"--resume: --batch-sizes {','.join(map(str, args.batch_sizes))} differs from the saved "
                          f"{','.join(map(str, sizes))}")
-    return base, sizes, seeds, report
+    if args.optimizers is not None and args.optimizers != optimizers:
+        raise UsageError(f"--resume: --optimizers {','.join(args.optimizers)} differs from the saved "
+                         f"{','.join(optimizers)}")
+    return Plan(base, optimizers, sizes, seeds, report)
+
+
+def _lr_text(optimizers: list[str]) -> str:
+    """The learning rates of a compare, for the picture's title: "10, sgd 0.1 x batch/256"."""
+    parts = sorted({f"{DEFAULT_LR[name]:g}" for name in optimizers if name != "sgd"})
+    if "sgd" in optimizers:
+        parts.append(f"sgd {DEFAULT_LR['sgd']:g} x batch/256")
+    return ", ".join(parts)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -110,7 +136,7 @@ def command(args: argparse.Namespace) -> int:
     if distributed.detect().launched:
         raise UsageError("larsopt compare runs in one process: start it without torchrun (its runs are small; "
                          "larsopt train runs under torchrun)")
-    base, sizes, seeds, report = _plan(args)
+    base, optimizers, sizes, seeds, report = _plan(args)
     if seeds[-1] >= SEED_LIMIT:
         raise UsageError(f"--seed {seeds[0]}: compare uses seeds {seeds[0]}..{seeds[-1]}, which must be below 2^64")
     folder = None if args.out is None else Path(args.out)
@@ -123,11 +149,13 @@ def command(args: argparse.Namespace) -> int:
     if too_large:
         raise UsageError(f"--batch-sizes: {', '.join(map(str, too_large))} larger than the training set of "
                          f"{dataset.name} ({len(dataset.x_train)} samples)")
-    plan = [(optimizer, size, seed) for size in sizes for optimizer in OPTIMIZERS for seed in seeds]
+    plan = [(optimizer, size, seed) for size in sizes for optimizer in optimizers for seed in seeds]
     configs = {key: dataclasses.replace(base, optimizer=key[0], batch_size=key[1], seed=key[2],
                                         lr=DEFAULT_LR[key[0]]) for key in plan}
-    # Building the first run checks the model against the data before any folder exists.
-    Trainer(configs[plan[0]], dataset)
+    # Building each optimizer's first run checks the model against the data and the optimizer's
+    # rules against the model before any folder exists.
+    for optimizer in optimizers:
+        Trainer(configs[(optimizer, sizes[0], seeds[0])], dataset)
     done = {} if report is None else {(run["optimizer"], run["batch_size"], run["seed"]): run
                                       for run in report["seed_runs"]}
     common = {key: value for key, value in dataclasses.asdict(base).items() if key not in _PER_RUN}
@@ -136,11 +164,11 @@ def command(args: argparse.Namespace) -> int:
                        overwrite=args.overwrite) as out:
         def save() -> list[dict[str, Any]]:
             points = [_point(optimizer, size, [done[(optimizer, size, seed)] for seed in seeds])
-                      for size in sizes for optimizer in OPTIMIZERS
+                      for size in sizes for optimizer in optimizers
                       if all((optimizer, size, seed) in done for seed in seeds)]
             outputs.write_json(out.path(COMPARE_JSON), {
-                "settings": common, "seeds": seeds, "batch_sizes": sizes,
-                "lr": {"lars": DEFAULT_LR["lars"], "sgd_per_256": DEFAULT_LR["sgd"]},
+                "settings": common, "optimizers": optimizers, "seeds": seeds, "batch_sizes": sizes,
+                "lr": {"sgd_per_256" if name == "sgd" else name: DEFAULT_LR[name] for name in optimizers},
                 "complete": len(done) == len(plan), "runs": points,
                 "seed_runs": [done[key] for key in plan if key in done],
                 "device": base.device, "threads": base.threads, "versions": versions()})
@@ -155,7 +183,7 @@ def command(args: argparse.Namespace) -> int:
                 optimizer, size, seed = key
                 trainer = Trainer(configs[key], dataset)
                 progress = Progress(trainer.total_steps, 0, base.epochs, quiet=args.quiet,
-                                    label=f"{optimizer.upper()} batch {size} seed {seed}")
+                                    label=f"{optimizer} batch {size} seed {seed}")
                 try:
                     status = trainer.run(stop, on_step=progress.step, on_epoch=lambda row: None, on_checkpoint=None)
                 finally:
@@ -179,14 +207,13 @@ def command(args: argparse.Namespace) -> int:
                 points = save()
                 if not args.quiet and seed == seeds[-1]:
                     point = points[-1]
-                    print(f"{optimizer.upper():<4} batch {size:<6} test accuracy "
+                    print(f"{optimizer:<{max(map(len, optimizers))}} batch {size:<6} test accuracy "
                           f"{' '.join(f'{accuracy:.4f}' for accuracy in point['final_test_accuracy_per_seed'])}  "
                           f"peak lr {point['peak_lr']:.4g}", flush=True)
         points = save()
-        plots.compare(out.path(COMPARE_PNG), points,
-                      f"LARS (lr {DEFAULT_LR['lars']:g}) vs SGD (lr 0.1 x batch/256), {base.model} on "
-                      f"{dataset.name}, {base.epochs} epochs, {len(seeds)} seeds")
+        plots.compare(out.path(COMPARE_PNG), points, f"{', '.join(optimizers)}: {base.model} on {dataset.name}, "
+                      f"{base.epochs} epochs, {len(seeds)} seeds; lr {_lr_text(optimizers)}")
     if not args.quiet:
-        print(table(points))
+        print(table(points, optimizers))
     print(f"outputs in {out.folder}")
     return 0

@@ -23,7 +23,14 @@ from typing import Any
 
 from larsopt.cli.errors import UsageError
 
-OPTIMIZERS = ("lars", "sgd")
+# larsopt.presets: each peer's LARS with its own signature (larsopt.cli.optimizers maps a run's
+# settings onto their arguments).
+PRESETS = ("timm", "pytorch_optimizer", "bolts", "larc", "optax", "mlperf", "ssl", "mxnet")
+OPTIMIZERS = ("lars", "sgd", *PRESETS)
+# The package's own spelling of a preset, accepted as the preset's name.
+OPTIMIZER_ALIASES = {"pytorch-optimizer": "pytorch_optimizer"}
+# timm and Lightning Bolts adapt only the param groups whose weight decay is not zero.
+ADAPT_ONLY_WITH_WEIGHT_DECAY = ("timm", "bolts")
 SCHEDULES = ("poly", "cosine", "constant")
 EXCLUDES = ("mxnet", "ndim", "norm_and_bias", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -37,9 +44,9 @@ AUGMENTED_DATA_KINDS = ("cifar10", "imagefolder")
 
 # Goyal et al. 2017: SGD's lr is given for a batch of 256 and scaled linearly (lr * batch / 256).
 SGD_REFERENCE_BATCH = 256
-# --lr depends on the optimizer: LARS takes the peak rate itself (MLPerf's base lr below batch
-# 16K); SGD the rate for batch 256.
-DEFAULT_LR = {"lars": 10.0, "sgd": 0.1}
+# --lr depends on the optimizer: LARS and every preset take the peak rate itself (MLPerf's base lr
+# below batch 16K; the trust ratio makes one rate fit every batch size); SGD the rate for batch 256.
+DEFAULT_LR = {name: 0.1 if name == "sgd" else 10.0 for name in OPTIMIZERS}
 # The default warm-up: MLPerf's 5 epochs, but at most a quarter of the run so that a short run
 # still decays its lr (40 epochs: 5, 10 epochs: 2.5).
 DEFAULT_WARMUP_EPOCHS = 5.0
@@ -80,6 +87,23 @@ seed_number = _number(int, lambda value: 0 <= value < SEED_LIMIT, "an integer in
 thread_count = _number(int, lambda value: 0 < value <= 4096, "an integer in 1..4096")
 # imagefolder holds every decoded image in memory: 1024 x 1024 is already 12 MB of float32 each.
 image_side = _number(int, lambda value: 0 < value <= 1024, "an integer in 1..1024")
+
+
+def optimizer_name(text: str) -> str:
+    """An optimizer of :data:`OPTIMIZERS` (``pytorch-optimizer`` spelled either way)."""
+    name = OPTIMIZER_ALIASES.get(text, text)
+    if name not in OPTIMIZERS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(OPTIMIZERS)}, got {text!r}")
+    return name
+
+
+def optimizer_list(text: str) -> list[str]:
+    """``"lars,timm,sgd"`` -> ``["lars", "timm", "sgd"]`` (each an :func:`optimizer_name`, none twice)."""
+    names = [optimizer_name(part.strip()) for part in text.split(",")]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once in {text!r}")
+    return names
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
@@ -165,20 +189,24 @@ class RunConfig:
     augment: bool | None = option(
         None, "no random crops and flips of the training images (on by default for cifar10 and imagefolder, "
         "off otherwise)", group="data", flag="--no-augment", constant=False, default_text="", absent=False)
-    optimizer: str = option("lars", "optimizer", choices=OPTIMIZERS, group="optimizer", commands=("train",))
+    optimizer: str = option(
+        "lars", f"lars (larsopt.LARS), sgd (torch.optim.SGD), or a peer's LARS as larsopt.presets has it: "
+        f"{', '.join(PRESETS)} (the flags below mapped onto its own arguments: docs/cli.md)",
+        parse=optimizer_name, group="optimizer", commands=("train",))
     batch_size: int = option(512, "samples per optimizer step", parse=positive_int, group="optimizer",
                              commands=("train",))
     accumulate: int = option(1, "gradient accumulation: each step sums the gradients of N micro-batches of "
                              "batch-size / N samples", parse=positive_int, group="optimizer", commands=("train",))
     epochs: int = option(40, "epochs to train", parse=positive_int, group="optimizer", compare_default=30)
     lr: float | None = option(
-        None, f"LARS: peak learning rate (default: {DEFAULT_LR['lars']:g}); SGD: learning rate for batch "
-        f"{SGD_REFERENCE_BATCH}, scaled linearly to the batch size (default: {DEFAULT_LR['sgd']:g})",
+        None, f"LARS and the presets: peak learning rate (default: {DEFAULT_LR['lars']:g}); SGD: learning rate "
+        f"for batch {SGD_REFERENCE_BATCH}, scaled linearly to the batch size (default: {DEFAULT_LR['sgd']:g})",
         parse=nonnegative_float, group="optimizer", commands=("train",), default_text="")
     momentum: float = option(0.9, "momentum", parse=unit_interval, group="optimizer", commands=("train",))
     weight_decay: float = option(5e-4, "weight decay", parse=nonnegative_float, group="optimizer",
                                  commands=("train",))
-    eta: float = option(0.001, "LARS trust coefficient", parse=nonnegative_float, group="optimizer",
+    eta: float = option(0.001, "LARS trust coefficient (the presets' trust_coeff, trust_coefficient, eeta or eta)",
+                        parse=nonnegative_float, group="optimizer",
                         commands=("train",))
     warmup_epochs: float | None = option(
         None, "linear warm-up length in epochs (default: 5, at most a quarter of the run)",
@@ -242,10 +270,14 @@ class RunConfig:
 
     def warnings(self) -> list[str]:
         """What a user should hear about settings that run but are likely a mistake."""
+        warnings = []
         if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
-            return [f"--warmup-epochs {self.warmup_epochs:g} is not shorter than the run (--epochs {self.epochs}): "
-                    "the lr rises for the whole run and never decays"]
-        return []
+            warnings.append(f"--warmup-epochs {self.warmup_epochs:g} is not shorter than the run (--epochs "
+                            f"{self.epochs}): the lr rises for the whole run and never decays")
+        if self.optimizer in ADAPT_ONLY_WITH_WEIGHT_DECAY and self.weight_decay == 0:
+            warnings.append(f"--optimizer {self.optimizer} with --weight-decay 0: {self.optimizer} adapts only the "
+                            "param groups with weight decay, so no tensor gets a trust ratio (plain momentum SGD)")
+        return warnings
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> RunConfig:

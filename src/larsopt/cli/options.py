@@ -13,16 +13,18 @@ import difflib
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from larsopt.cli.config import GROUPS, config_fields, flag_of
+from larsopt.cli.config import GROUPS, OPTIMIZERS, config_fields, flag_of, optimizer_list
 from larsopt.cli.errors import UsageError
 
 COMPARE_BATCH_SIZES = (64, 128, 256, 512, 1437)
+COMPARE_OPTIMIZERS = ("lars", "sgd")
 COMPARE_SEEDS = 3
 
 TRAIN_EXAMPLES = """examples:
   larsopt train                                   # digits, MLP, LARS, batch 512: 0.98 in seconds
   larsopt train --model resnet --epochs 30        # a small ResNet with batch norm
   larsopt train --optimizer sgd --batch-size 64   # SGD, lr 0.1 * 64 / 256
+  larsopt train --optimizer optax                 # optax.lars's formula (larsopt.presets.optax), same recipe
   larsopt train --data cifar10:~/data/cifar-10-batches-py --model resnet --batch-size 1024 --accumulate 4
   larsopt train --data imagefolder:~/photos --image-size 64 --model mymodels:make_net
   larsopt train --data npz:my.npz --out runs/mine # x_train, y_train, x_test, y_test arrays
@@ -33,6 +35,7 @@ TRAIN_EXAMPLES = """examples:
 
 COMPARE_EXAMPLES = """examples:
   larsopt compare                                  # digits, MLP, 30 epochs, batch 64..1437
+  larsopt compare --optimizers lars,timm,optax,mlperf,sgd --batch-sizes 64,256,1437   # the LARS families
   larsopt compare --data synthetic:5000 --batch-sizes 32,256,2048 --epochs 10 --out runs/synthetic
   larsopt compare --out runs/synthetic --resume    # run what an interrupted compare left
 """
@@ -121,6 +124,9 @@ def _add_command(commands: Any, name: str, epilog: str, **kwargs: Any) -> argpar
         groups["runs"].add_argument(
             "--batch-sizes", type=batch_size_list, metavar="SIZES",
             help=f"comma-separated (default: {','.join(map(str, COMPARE_BATCH_SIZES))})")
+        groups["runs"].add_argument(
+            "--optimizers", type=optimizer_list, metavar="NAMES",
+            help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: {','.join(COMPARE_OPTIMIZERS)})")
     _add_config_options(parser, name, groups)
     execution = groups["execution"]
     execution.add_argument("--out", help="output folder (default: a new folder under runs/)")
@@ -154,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                  description="Train a model, write metrics.jsonl, summary.json, curves.png, trust.png and "
                              "checkpoint.pt into --out.")
     _add_command(commands, "compare", COMPARE_EXAMPLES,
-                 help="LARS against SGD (linear scaling + warm-up) over several batch sizes",
-                 description="Train the same model with LARS and with SGD (Goyal et al. 2017: lr 0.1 * batch / "
-                             "256, linear warm-up) at several batch sizes for the same number of epochs, "
-                             f"{COMPARE_SEEDS} seeds each (--seed and the ones after it); print a table, write "
-                             "compare.json and compare.png into --out.")
+                 help="LARS against SGD (linear scaling + warm-up), or the LARS families, over several batch sizes",
+                 description="Train the same model with each of --optimizers (default: LARS and SGD, Goyal et al. "
+                             "2017: lr 0.1 * batch / 256, linear warm-up) at several batch sizes for the same number "
+                             f"of epochs, {COMPARE_SEEDS} seeds each (--seed and the ones after it); print a table, "
+                             "write compare.json and compare.png into --out.")
     commands.add_parser("bench", help="optimizer step benchmarks (larsopt.bench; options: larsopt bench --help)",
                         add_help=False)
     return parser

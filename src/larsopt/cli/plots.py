@@ -70,6 +70,9 @@ def trust_heatmap(path: Path, names: list[str], history: list[list[float]], titl
     _save(figure, path)
 
 
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<")
+
+
 def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     """Test accuracy (mean and standard deviation over seeds) and wall time (fastest seed) against
     batch size, one line per optimizer."""
@@ -77,13 +80,16 @@ def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     accuracy_axes, time_axes = figure.subplots(1, 2)
-    for optimizer in dict.fromkeys(row["optimizer"] for row in rows):
+    for number, optimizer in enumerate(dict.fromkeys(row["optimizer"] for row in rows)):
         mine = sorted((row for row in rows if row["optimizer"] == optimizer), key=lambda row: row["batch_size"])
         sizes = [row["batch_size"] for row in mine]
+        # Optimizers of one formula family can give the same numbers: markers of their own keep
+        # each line visible where lines coincide.
+        marker = _MARKERS[number % len(_MARKERS)]
         accuracy_axes.errorbar(sizes, [row["final_test_accuracy"] for row in mine],
-                               yerr=[row["final_test_accuracy_std"] for row in mine], marker="o", capsize=3,
-                               label=optimizer.upper())
-        time_axes.plot(sizes, [row["wall_time_s"] for row in mine], marker="o", label=optimizer.upper())
+                               yerr=[row["final_test_accuracy_std"] for row in mine], marker=marker, capsize=3,
+                               label=optimizer, alpha=0.85)
+        time_axes.plot(sizes, [row["wall_time_s"] for row in mine], marker=marker, label=optimizer, alpha=0.85)
     sizes = sorted({row["batch_size"] for row in rows})
     for axes in (accuracy_axes, time_axes):
         axes.set_xscale("log", base=2)

@@ -104,12 +104,12 @@ def summary(config: RunConfig, dataset: data.Dataset, trainer: Trainer, result: 
 
 
 def _write_pictures(out: outputs.OutputFolder, config: RunConfig, result: RunResult) -> None:
-    title = (f"{config.model} on {config.data_kind}, {config.optimizer.upper()}, batch {config.batch_size}, "
+    title = (f"{config.model} on {config.data_kind}, {config.optimizer}, batch {config.batch_size}, "
              f"peak lr {config.peak_lr:g}")
     plots.curves(out.path(outputs.CURVES), result.metrics, title)
     plots.trust_heatmap(out.path(outputs.TRUST), result.trust_names, result.trust_history,
-                        f"trust ratio eta*|w|/(|g|+wd*|w|) per layer"
-                        f"{'' if config.optimizer == 'lars' else ' (what LARS would apply; SGD ignores it)'}")
+                        f"trust ratio per layer, as {config.optimizer} applied it" if config.optimizer != "sgd" else
+                        "trust ratio eta*|w|/(|g|+wd*|w|) per layer (what LARS would apply; SGD ignores it)")
 
 
 def _save_checkpoint(out: outputs.OutputFolder | None, processes: Processes, trainer: Trainer) -> None:

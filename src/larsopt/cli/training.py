@@ -22,18 +22,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-import larsopt
 from larsopt import functional
-from larsopt.cli import models
+from larsopt.cli import models, optimizers
 from larsopt.cli.config import SEED_LIMIT, RunConfig, checkpoint_interval_parts
 from larsopt.cli.data import Dataset
 from larsopt.cli.distributed import Processes
 from larsopt.cli.errors import UsageError
+from larsopt.cli.optimizers import TRUST_EPSILON
 from larsopt.telemetry import COLUMNS, Telemetry
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _EVAL_BATCH = 1024
-TRUST_EPSILON = 1e-8
 _CHECKPOINT_FORMAT = 1
 # The augmentation generator's seed is the run's seed with these bits flipped: its own stream,
 # not the data order's (nor another seed's data order).
@@ -181,13 +180,6 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     return padded[index[0], :, index[1], index[2]].permute(0, 3, 1, 2).contiguous()
 
 
-def _trust_layers(optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor, float]]:
-    """(name, param, weight decay) of every tensor that gets a LARS trust ratio."""
-    return [(name, param, group["weight_decay"])
-            for group in optimizer.param_groups if group.get("lars", True)
-            for name, param in zip(group["param_names"], group["params"])]
-
-
 def _full(tensor: Tensor) -> Tensor:
     """The whole tensor of a sharded (FSDP) param or gradient, gathered from every rank."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -264,7 +256,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.x_train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.module = processes.wrap(self.model, self.device)
-        self.optimizer = self._build_optimizer()
+        self.optimizer = optimizers.build(config, self.model)
         warmup_steps = min(self.total_steps, max(0, round(config.warmup_epochs * self.steps_per_epoch)))
         self.schedule = WarmupThenDecay(config.schedule, warmup_steps, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
@@ -273,7 +265,7 @@ class Trainer:
         self.data_order = torch.Generator().manual_seed(config.seed)
         self.augment = config.augment and self.x_train.ndim == 4
         self.augment_rng = torch.Generator().manual_seed(config.seed ^ _AUGMENT_SEED_BITS)
-        self.trust_layers = _trust_layers(self.optimizer)
+        self.trust_layers = optimizers.trust_layers(self.optimizer)
         self.epoch = 0
         self.batch = 0
         self.order: Tensor | None = None
@@ -284,19 +276,11 @@ class Trainer:
         self.elapsed_s = 0.0
         self.diverged = False
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        config = self.config
-        exclude = None if config.exclude == "none" else config.exclude
-        groups = larsopt.param_groups(self.model, weight_decay=config.weight_decay, exclude=exclude)
-        if config.optimizer == "lars":
-            return larsopt.LARS(groups, lr=config.peak_lr, momentum=config.momentum, eta=config.eta,
-                                epsilon=TRUST_EPSILON, telemetry=True)
-        # SGD keeps the groups' "lars" flag only to log the trust ratio LARS would use.
-        return torch.optim.SGD(groups, lr=config.peak_lr, momentum=config.momentum)
-
     @property
-    def lars(self) -> bool:
-        return self.config.optimizer == "lars"
+    def reports_trust(self) -> bool:
+        """Whether the optimizer reports the trust ratios its steps applied: every one but SGD (a
+        ``larsopt.LARS`` with telemetry)."""
+        return self.config.optimizer != "sgd"
 
     @property
     def trust_names(self) -> list[str]:
@@ -351,7 +335,7 @@ class Trainer:
             batch_loss_sum += loss.detach()
             batch_correct_sum += (logits.argmax(dim=1) == micro_labels).sum()
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        ratios = None if self.lars else trust_ratios(self.trust_layers, self.config.eta, scale)
+        ratios = None if self.reports_trust else trust_ratios(self.trust_layers, self.config.eta, scale)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
