@@ -311,17 +311,27 @@ def test_trust_ratios_of_a_lars_run_are_the_ones_its_steps_applied(monkeypatch: 
 
 
 def test_compare_writes_table_json_and_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three optimizers (a preset among them) on two batch sizes: a table line, a compare.json
+    point and a line of compare.png each."""
     out = tmp_path / "compare"
     assert main(["compare", "--data", "synthetic:200", "--batch-sizes", "16,64", "--epochs", "2",
-                 "--threads", "1", "--out", str(out)]) == 0
+                 "--optimizers", "lars,optax,sgd", "--threads", "1", "--out", str(out)]) == 0
     report = json.loads((out / "compare.json").read_text())
-    assert {(run["optimizer"], run["batch_size"]) for run in report["runs"]} == {
-        ("lars", 16), ("sgd", 16), ("lars", 64), ("sgd", 64)}
+    assert report["optimizers"] == ["lars", "optax", "sgd"] and report["complete"] is True
+    assert [(run["optimizer"], run["batch_size"]) for run in report["runs"]] == [
+        ("lars", 16), ("optax", 16), ("sgd", 16), ("lars", 64), ("optax", 64), ("sgd", 64)]
     sgd_64 = next(run for run in report["runs"] if run["optimizer"] == "sgd" and run["batch_size"] == 64)
     assert sgd_64["peak_lr"] == pytest.approx(0.1 * 64 / 256)
-    assert matplotlib_image.imread(out / "compare.png").ndim == 3
-    table = capsys.readouterr().out
-    assert "LARS acc" in table and "SGD acc" in table
+    assert report["lr"] == {"lars": 10.0, "optax": 10.0, "sgd_per_256": 0.1}
+    image = matplotlib_image.imread(out / "compare.png")
+    assert image.ndim == 3 and image.shape[1] > 500
+    lines = capsys.readouterr().out.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.split()[:3] == ["batch", "steps", "optimizer"])
+    table = [line.split() for line in lines[header + 2:header + 8]]
+    assert [(row[0], row[2]) for row in table] == [("16", "lars"), ("16", "optax"), ("16", "sgd"), ("64", "lars"),
+                                                   ("64", "optax"), ("64", "sgd")]
+    for row, run in zip(table, report["runs"]):
+        assert float(row[3]) == pytest.approx(run["final_test_accuracy"], abs=5e-5)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
