@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from larsopt.cli import data, main, outputs
-from larsopt.cli.config import RunConfig, config_fields, flag_of
+from larsopt.cli.config import OPTIMIZERS, RunConfig, config_fields, flag_of
 from larsopt.cli.progress import Progress
 from larsopt.cli.training import WarmupThenDecay
 from test_cli import (QUICK, assert_run_files, assert_same_state, checkpoint, metrics_without_time, snapshot, train,
@@ -761,8 +761,11 @@ def test_docs_describe_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("train", "compare"):
         for spec in config_fields(command):
             assert f"`{flag_of(spec)}`" in text, flag_of(spec)
-    for flag in ("--batch-sizes", "--resume", "--overwrite", "--quiet", "--out"):
+    for flag in ("--batch-sizes", "--optimizers", "--resume", "--overwrite", "--quiet", "--out"):
         assert f"`{flag}`" in text, flag
+    optimizers = text.split("### The optimizers")[1].split("\n### ")[0]
+    for name in OPTIMIZERS:
+        assert f"| `{name}` |" in optimizers, name  # a row saying what the flags mean for it
     quick_start = (REPO / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
     assert "python -m venv" in quick_start and "first run" in quick_start
 

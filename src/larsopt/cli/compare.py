@@ -124,11 +124,12 @@ def _plan(args: argparse.Namespace) -> Plan:
 
 
 def _lr_text(optimizers: list[str]) -> str:
-    """The learning rates of a compare, for the picture's title: "10, sgd 0.1 x batch/256"."""
-    parts = sorted({f"{DEFAULT_LR[name]:g}" for name in optimizers if name != "sgd"})
-    if "sgd" in optimizers:
-        parts.append(f"sgd {DEFAULT_LR['sgd']:g} x batch/256")
-    return ", ".join(parts)
+    """The learning rates of a compare, for the picture's title: "10 (sgd: 0.1 x batch/256)"."""
+    rates = ", ".join(sorted({f"{DEFAULT_LR[name]:g}" for name in optimizers if name != "sgd"}))
+    scaled = f"{DEFAULT_LR['sgd']:g} x batch/256"
+    if "sgd" not in optimizers:
+        return rates
+    return f"{rates} (sgd: {scaled})" if rates else scaled
 
 
 def command(args: argparse.Namespace) -> int:
@@ -211,8 +212,8 @@ def command(args: argparse.Namespace) -> int:
                           f"{' '.join(f'{accuracy:.4f}' for accuracy in point['final_test_accuracy_per_seed'])}  "
                           f"peak lr {point['peak_lr']:.4g}", flush=True)
         points = save()
-        plots.compare(out.path(COMPARE_PNG), points, f"{', '.join(optimizers)}: {base.model} on {dataset.name}, "
-                      f"{base.epochs} epochs, {len(seeds)} seeds; lr {_lr_text(optimizers)}")
+        plots.compare(out.path(COMPARE_PNG), points, f"{base.model} on {dataset.name}, {base.epochs} epochs, "
+                      f"{len(seeds)} seeds; lr {_lr_text(optimizers)}")
     if not args.quiet:
         print(table(points, optimizers))
     print(f"outputs in {out.folder}")

@@ -78,8 +78,9 @@ def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     batch size, one line per optimizer."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
-    accuracy_axes, time_axes = figure.subplots(1, 2)
+    figure = Figure(figsize=(11.5, 3.8), layout="constrained")
+    # The legend gets an axes of its own: with ten optimizers it would cover the lines.
+    accuracy_axes, time_axes, legend_axes = figure.subplots(1, 3, width_ratios=(1, 1, 0.3))
     for number, optimizer in enumerate(dict.fromkeys(row["optimizer"] for row in rows)):
         mine = sorted((row for row in rows if row["optimizer"] == optimizer), key=lambda row: row["batch_size"])
         sizes = [row["batch_size"] for row in mine]
@@ -97,7 +98,8 @@ def compare(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         axes.minorticks_off()
         axes.set_xlabel("batch size")
         axes.grid(alpha=0.3)
-        axes.legend()
+    legend_axes.axis("off")
+    legend_axes.legend(*accuracy_axes.get_legend_handles_labels(), loc="center left", title="optimizer")
     accuracy_axes.set(ylabel="final test accuracy", title="accuracy after the same number of epochs")
     time_axes.set(ylabel="wall time (s), fastest seed", title="training time")
     figure.suptitle(title)
