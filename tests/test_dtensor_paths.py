@@ -56,3 +56,49 @@ def test_fsdp2_params_step_like_one_process(impl):
     for result in run_processes(2, _fsdp_steps, impl):
         for got, want in zip(result, model.parameters()):
             torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _layouts_differ_by_rank(rank: int, world: int) -> list[torch.Tensor]:
+    """W and P sharded on dim 1; W's local gradient is a transposed view on rank 0 only, P's a strided
+    view on rank 1 only: the ranks' layouts differ, their paths and collectives must not."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    full = [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
+    w, p = (torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(1)])) for t in full[:2])
+    gw, gp = (distribute_tensor(t, mesh, [Shard(1)]).to_local() for t in full[2:])
+    if rank == 0:
+        gw = gw.t().contiguous().t()
+    else:
+        strided = torch.zeros(gp.shape[0], gp.shape[1] * 2, dtype=gp.dtype)
+        strided[:, ::2] = gp
+        gp = strided[:, ::2]
+    w.grad = DTensor.from_local(gw, mesh, [Shard(1)], shape=w.shape, stride=w.stride())
+    p.grad = DTensor.from_local(gp, mesh, [Shard(1)], shape=p.shape, stride=p.stride())
+    calls = []
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        larsopt.LARS([w, p], lr=1.0, eta=0.5, momentum=0.9).step()
+    finally:
+        dist.all_reduce = original
+    return [w.full_tensor(), p.full_tensor(), torch.tensor(len(calls))]
+
+
+def test_ranks_whose_shard_layouts_differ_step_alike():
+    torch.manual_seed(0)
+    full = [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
+    params = [torch.nn.Parameter(t.clone()) for t in full[:2]]
+    for param, grad in zip(params, full[2:]):
+        param.grad = grad
+    larsopt.LARS(params, lr=1.0, eta=0.5, momentum=0.9, impl="reference").step()
+    for result in run_processes(2, _layouts_differ_by_rank):
+        for got, want in zip(result[:2], params):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
+        assert result[2].item() == 1  # Shard(0) and Shard(1) on one mesh dim: one reduction

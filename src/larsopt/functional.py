@@ -32,8 +32,8 @@ Options come as one :class:`larsopt.options.LarsOptions` (declared once there: d
 values, check, doc). Implementations (``impl=``, all sync-free and giving the reference's numbers)
 form a chain, fused -> foreach -> reference: each path declares in its ``SUPPORTED`` table which
 options and values it implements and in ``covers()`` which tensors it can serve (plain tensors
-only: DTensors and other subclasses go on to the reference); a group using an option a path does
-not implement, and every tensor it does not cover, is handed on in the same call.
+only: DTensors step as their local shards, other subclasses go on to the reference); a group using an
+option a path does not implement, and every tensor it does not cover, is handed on in the same call.
 
 * ``"reference"``: one tensor at a time, plain torch ops; covers every option.
 * ``"foreach"``: ``torch._foreach_*`` ops per group of tensors sharing a device and dtypes, trust
@@ -181,6 +181,7 @@ def lars(
             _run_chain(chain, part.indices, part.params, part.grads, part.buffers, part.masters, options, stats,
                        dict(grad_scale=grad_scale, found_inf=found_inf, reduce_sums=part.reduce_sums), generator,
                        None if first_steps is None else [first_steps[i] for i in part.indices], previous_lr)
+            part.finish()
         return
     _run_chain(chain, list(range(len(params))), params, grads, momentum_buffers, master_params, options, stats,
                dict(grad_scale=grad_scale, found_inf=found_inf), generator, first_steps, previous_lr)

@@ -2,17 +2,20 @@
 norms of the full tensors.
 
 Each tensor's sums of squares are taken over its local shard (0 for an empty shard), stacked for all
-tensors of a call that share a mesh and placements, and summed with one all-reduce per mesh dim that
-shards them (never over a dim that replicates them: that would count each value again). The trust
+tensors of a call that are sharded over the same mesh dims, and summed with one all-reduce per mesh dim
+that shards them (never over a dim that replicates them: that would count each value again). The trust
 ratios, and the zero-norm fallback, are taken only after that reduction, so every rank applies the
 ratio of the whole tensor; the update then runs on the local shards with the ordinary paths (fused
-CPU kernel, foreach), as fast per element as an unsharded step. A call makes one collective per
-(mesh, placements) group and sharding mesh dim, however many tensors it has.
+CPU kernel, foreach), as fast per element as an unsharded step. The paths see contiguous local shards
+(a copy for the rare shard that is not), so every rank sends each tensor down the same path and makes
+the same collectives: per call, one per path used (usually one) and sharding mesh dim, however many
+tensors it has.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +49,23 @@ class Part:
     buffers: list[Tensor | None] = field(default_factory=list)
     masters: list[Tensor | None] = field(default_factory=list)
     reduce_sums: Callable[[Tensor], Tensor] | None = None
+    #: (local shard, contiguous copy the step updates) for shards that are not contiguous
+    write_back: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def working(self, local: Tensor | None, read_only: bool = False) -> Tensor | None:
+        """``local`` as the paths see it: contiguous on every rank, so that which path serves a tensor
+        (and so which collective reduces its sums) never depends on one rank's layout."""
+        if local is None or local.is_contiguous():
+            return local
+        copy = local.contiguous()
+        if not read_only:
+            self.write_back.append((local, copy))
+        return copy
+
+    def finish(self) -> None:
+        """Copy the updated contiguous copies back into their shards."""
+        for local, copy in self.write_back:
+            local.copy_(copy)
 
 
 def _summed_over(mesh_dims: tuple[int, ...], mesh: object) -> Callable[[Tensor], Tensor]:
@@ -75,8 +95,9 @@ def _local(tensor: Tensor | None, param: Tensor, what: str, label: str) -> Tenso
 
 def parts(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor | None],
           masters: Sequence[Tensor | None], label: Callable[[int], str]) -> list[Part]:
-    """Split a call into its plain tensors (first, unreduced) and one part per (mesh, placements) of
-    its DTensors. ``label(i)`` names param ``i`` in errors."""
+    """Split a call into its plain tensors (first, unreduced) and one part per set of sharding mesh
+    dims of its DTensors (``Shard(0)`` and ``Shard(1)`` on the same mesh dim share one reduction).
+    ``label(i)`` names param ``i`` in errors."""
     plain = Part([])
     sharded: dict[tuple[object, ...], Part] = {}
     mesh = None
@@ -96,28 +117,38 @@ def parts(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[T
         if grads[i].is_sparse or (is_sharded(grads[i]) and grads[i].to_local().is_sparse):
             raise ValueError(f"param {name} is a DTensor with a sparse gradient; sparse rows of a sharded tensor "
                              "are not supported: use a dense gradient")
-        part = sharded.get(placements)
+        dims = tuple(dim for dim, placement in enumerate(placements) if placement.is_shard())
+        part = sharded.get(dims)
         if part is None:
-            dims = tuple(dim for dim, placement in enumerate(placements) if placement.is_shard())
-            part = sharded[placements] = Part([], reduce_sums=_summed_over(dims, mesh) if dims else None)
+            part = sharded[dims] = Part([], reduce_sums=_summed_over(dims, mesh) if dims else None)
         part.indices.append(i)
-        part.params.append(param.to_local())
-        part.grads.append(_local(grads[i], param, "gradient", name))
-        part.buffers.append(_local(buffers[i], param, "momentum buffer", name))
-        part.masters.append(_local(masters[i], param, "master copy", name))
+        part.params.append(part.working(param.to_local()))
+        part.grads.append(part.working(_local(grads[i], param, "gradient", name), read_only=True))
+        part.buffers.append(part.working(_local(buffers[i], param, "momentum buffer", name)))
+        part.masters.append(part.working(_local(masters[i], param, "master copy", name)))
     for items, target in ((params, plain.params), (grads, plain.grads), (buffers, plain.buffers),
                           (masters, plain.masters)):
         target.extend(items[i] for i in plain.indices)
     return ([plain] if plain.indices else []) + list(sharded.values())
 
 
+_last_found_inf: tuple[weakref.ref, int, Tensor] | None = None
+
+
 def reduce_found_inf(found_inf: Tensor | None, params: Sequence[Tensor]) -> Tensor | None:
     """AMP's inf flag over every rank of the sharded params' mesh: a step is skipped on all ranks or
-    on none (each rank checked only its own shards)."""
+    on none (each rank checked only its own shards). The param groups of one step share the same flag
+    tensor: it is reduced once, for the first group, and reused while it is unchanged."""
+    global _last_found_inf
     if found_inf is None:
         return None
+    if _last_found_inf is not None:
+        flag, version, reduced = _last_found_inf
+        if flag() is found_inf and version == found_inf._version:
+            return reduced
     mesh = next(param.device_mesh for param in params if is_sharded(param))
-    flag = found_inf.clone()
+    reduced = found_inf.clone()
     for dim in range(mesh.ndim):
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-    return flag
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    _last_found_inf = (weakref.ref(found_inf), found_inf._version, reduced)
+    return reduced
