@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from larsopt import functional as F
 from larsopt._impl import sharded
-from larsopt.telemetry import Telemetry, combined
+from larsopt.telemetry import Telemetry, recorder_of
 from larsopt.options import OPTIMIZER_SETTINGS, LarsOptions, check_group, group_defaults, \
     group_keys_saved_since_first_release
 
@@ -74,7 +74,8 @@ class LARS(Optimizer):
         stochastic_rounding: bfloat16 params without a master copy are written back with
             unbiased stochastic rounding (drawn from ``generator`` when given).
         generator: ``torch.Generator`` for stochastic rounding (not saved in ``state_dict``).
-        telemetry: keep each param's |w|, |g| and trust ratio of the last step (:meth:`telemetry`).
+        telemetry: keep each param's |w|, |g|, trust ratio, step size and fallback and clip flags of
+            the last step (:meth:`telemetry`, :mod:`larsopt.telemetry`).
         dampening: torch SGD's momentum dampening d: the buffer takes (1 - d) of each update.
         buffer_start: a first step's buffer: ``"update"`` (the update itself, undampened: torch SGD)
             or ``"zeros"`` (dampened from the first step).
@@ -220,7 +221,7 @@ class LARS(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if _capturing():
             self._check_capture()
-        telemetry: list[tuple[list[str], Tensor]] = []
+        telemetry: list[tuple[int, list[int] | None, Tensor]] = []  # (group number, params stepped (None: all), stats)
         for number, group in enumerate(self.param_groups):
             params, grads, buffers, masters = [], [], [], []
             new_buffers: list[tuple[int, dict[str, Any]]] = []  # (position in buffers, state to keep it in)
@@ -258,9 +259,9 @@ class LARS(Optimizer):
             stats = None
             if group["telemetry"] and params:
                 stats = torch.empty(len(params), 3, dtype=torch.float32, device=params[0].device)
-                names = [self._param_name(group, number, index) for index, param in enumerate(group["params"])
-                         if param.grad is not None]  # (the params stepped, as the loop above chose them)
-                telemetry.append((names, stats))
+                stepped = None if len(params) == len(group["params"]) else [
+                    index for index, param in enumerate(group["params"]) if param.grad is not None]  # (as chosen above)
+                telemetry.append((number, stepped, stats))
             names = None
             if group.get("param_names") and sharded.possible():  # (only for the errors of sharded params)
                 names = [name for name, param in zip(group["param_names"], group["params"]) if param.grad is not None]
@@ -272,7 +273,8 @@ class LARS(Optimizer):
                 state["momentum_buffer"] = buffers[index]
             if group["momentum_correction"] and params:
                 self._keep_previous_lr(group)
-        self._last_telemetry = telemetry
+        if telemetry:
+            recorder_of(self).record(telemetry, found_inf)
         return loss
 
     @staticmethod
@@ -290,14 +292,17 @@ class LARS(Optimizer):
             group["previous_lr"] = lr.detach().clone()
 
     def telemetry(self) -> Telemetry:
-        """|w|, |g| and the trust ratio of each param at the last step (of the groups built with
-        ``telemetry=True``), keyed by param name: names from ``(name, tensor)`` pairs or
-        :func:`larsopt.param_groups`, else ``"group<g>.<index>"``. Params without a gradient at
-        that step are absent. The values are tensors on the params' device (no host sync until
-        :meth:`Telemetry.to_dict`)."""
+        """What the last step did to each param (of the groups built with ``telemetry=True``): |w|,
+        |g|, the trust ratio, the step size ``lr * lam`` and whether, and why, the ratio fell back,
+        was clipped or the step skipped (:data:`larsopt.telemetry.COLUMNS`), keyed by param name:
+        names from ``(name, tensor)`` pairs or :func:`larsopt.param_groups`, else
+        ``"group<g>.<index>"``. Params without a gradient at that step are absent. The values are
+        tensors on the params' device (no host sync until :meth:`Telemetry.to_dict`, which also
+        gives the warnings of :mod:`larsopt.telemetry`); :class:`larsopt.telemetry.Accumulator`
+        folds in every step."""
         if not any(group["telemetry"] for group in self.param_groups):
             raise RuntimeError("LARS.telemetry() needs LARS(..., telemetry=True) (or telemetry=True in a param group)")
-        return combined(getattr(self, "_last_telemetry", []))
+        return recorder_of(self).last_step()
 
     def _param_name(self, group: dict[str, Any], number: int, index: int) -> str:
         names = group.get("param_names")
