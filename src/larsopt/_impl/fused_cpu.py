@@ -11,7 +11,20 @@ The kernel covers dense, contiguous (or equally strided, non-overlapping) CPU te
 float32, float64 or bfloat16 with no master copy, no ``math_dtype`` and no stochastic rounding;
 everything else is handed back to the caller (see :func:`covers`). It reads ``lr``,
 ``grad_scale`` and ``found_inf`` from their tensors inside the call, so no tensor is ever
-converted to a Python number.
+converted to a Python number. Tensors autograd or a function transform has to see (any of them
+requiring grad while grad mode is on, ``torch.vmap``/``torch.func`` wrappers) are handed on too,
+so that every impl treats them like the reference does.
+
+The library is cached on disk, each file beside a ``.sha256`` record (hash and size) written
+after it: a file whose record is missing or does not match (an interrupted copy or restore of
+the cache) is never loaded, but rebuilt. Without a home directory, or where the cache is not
+writable, the library is built in a private folder under the temporary directory. When it cannot
+be built at all, the first use warns once (``UserWarning``) with the reason.
+
+A child made by ``fork()`` after the kernel opened an OpenMP parallel region runs the kernel on one
+thread: GNU libgomp's workers do not exist in the child, and a parallel region there would wait
+for them forever (torch's own parallel ops do, in such a child). The kernel opens no parallel
+region for a call under 32768 elements, or on one thread.
 """
 
 from __future__ import annotations
@@ -21,11 +34,13 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,11 +49,12 @@ from torch import Tensor
 
 from larsopt._impl.norms import SUMS_DTYPE, compute_dtype
 from larsopt._impl.reference import ratios_from_sums, stats_rows
-from larsopt._impl.support import is_plain
+from larsopt._impl.support import has_plain_type, is_plain, transform_active
 from larsopt.options import ANY, LarsOptions
 
 _SOURCE = Path(__file__).with_name("lars_cpu.cpp")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_NORM_DTYPE_CODES = {**_DTYPE_CODES, torch.float16: 3}
 _SCALAR_KINDS = {torch.float32: 1, torch.float64: 2}
 _FORMS = {"paper": 1, "torch": 2}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -46,54 +62,147 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-sh
 _library: ctypes.CDLL | None = None
 _library_error: str | None = None
 _lock = threading.Lock()
+_forked = False  # in a child forked after the kernel opened a parallel region: it runs on one thread
 
 
-def _cache_dir() -> Path:
-    """Where built kernels are kept: ``$XDG_CACHE_HOME/larsopt`` (``~/.cache/larsopt``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def _after_fork_in_child() -> None:
+    # The parent's OpenMP pool is gone; a parent that never opened a region had none to lose.
+    global _forked
+    _forked = _forked or (_library is not None and _library.larsopt_opened_parallel_region() == 1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _threads() -> int:
+    return 1 if _forked else torch.get_num_threads()
+
+
+def _compiler() -> list[str]:
+    """The compiler command: ``$CXX`` split as a shell would (``CXX="ccache g++"``), else g++ or c++."""
+    configured = os.environ.get("CXX", "").strip()
+    if configured:
+        try:
+            command = shlex.split(configured)
+        except ValueError as error:
+            raise RuntimeError(f"CXX={configured!r} cannot be split into words as a shell would: {error}") from None
+        if shutil.which(command[0]) is None:
+            raise RuntimeError(f"CXX={configured!r}: {command[0]!r} is not an executable on PATH")
+        return command
+    found = shutil.which("g++") or shutil.which("c++")
+    if found is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    return [found]
+
+
+def _home_cache() -> Path | None:
+    """``$XDG_CACHE_HOME/larsopt``, else ``~/.cache/larsopt``; ``None`` without a home directory."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        home = os.path.expanduser("~")
+        if home == "~" or not os.path.isabs(home):  # no $HOME and no password entry
+            return None
+        base = os.path.join(home, ".cache")
     return Path(base) / "larsopt"
 
 
-def _build(compiler: str, source: bytes) -> Path:
-    """Compile the kernel (once per source, compiler, flags and CPU) and return the library path.
+def _private_cache() -> Path:
+    """A folder under the temporary directory that only this user can write (created if needed)."""
+    directory = Path(tempfile.gettempdir()) / f"larsopt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    status = directory.stat()
+    if hasattr(os, "getuid") and (status.st_uid != os.getuid() or status.st_mode & 0o022):
+        # another user's folder (or one others can write): never load a library from there
+        directory = Path(tempfile.mkdtemp(prefix="larsopt-"))
+    return directory
+
+
+def _record(library: Path) -> Path:
+    """The file beside ``library`` that certifies it: its SHA-256 and size, written after it."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _digest(data: bytes) -> str:
+    return f"{hashlib.sha256(data).hexdigest()} {len(data)}"
+
+
+def _verified(library: Path) -> bool:
+    """Whether ``library`` is a whole file this module wrote: its record exists and matches it."""
+    try:
+        return _record(library).read_text().strip() == _digest(library.read_bytes())
+    except OSError:
+        return False
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` under a temporary name and rename it: readers see the old file or the whole new one."""
+    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+
+
+def _build_into(directory: Path, name: str, compiler: list[str]) -> Path:
+    """Compile the kernel into ``directory``: library first, then its record."""
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / name
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        built = Path(scratch) / name
+        subprocess.run([*compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True,
+                       text=True)
+        data = built.read_bytes()
+        os.replace(built, library)
+    _write_atomically(_record(library), _digest(data).encode())
+    return library
+
+
+def _build(compiler: list[str], source: bytes) -> Path:
+    """The path of a verified kernel library, built if no cache holds one (once per source,
+    compiler, flags and CPU).
 
     The name hashes everything the binary depends on, because ``-march=native`` makes it specific
-    to this CPU; the file is written under a temporary name and renamed, so processes building
-    at the same time (one per rank) never load a half-written library.
-    """
+    to this CPU. The home cache is tried first; the private temporary one when there is no home
+    or the home cache cannot be written. A library without a matching record is rebuilt, never
+    loaded (loading a truncated one kills the process with SIGBUS)."""
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, shlex.join(compiler).encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode(), cpu.encode()])).hexdigest()[:20]
-    directory = _cache_dir()
-    library = directory / f"lars_cpu_{key}.so"
-    if library.exists():
-        return library
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        built = Path(scratch) / library.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
-        os.replace(built, library)
-    return library
+    name = f"lars_cpu_{key}.so"
+    home = _home_cache()
+    if home is not None and _verified(home / name):
+        return home / name
+    if home is not None:
+        try:
+            return _build_into(home, name, compiler)
+        except OSError:
+            pass  # not writable (or full): build where this user can write
+    private = _private_cache()
+    if _verified(private / name):
+        return private / name
+    return _build_into(private, name, compiler)
 
 
 def load() -> ctypes.CDLL | None:
     """The kernel library, built on first use; ``None`` when it cannot be built here (no compiler,
-    not an x86/ARM Linux/macOS toolchain, source missing). :func:`unavailable_reason` says why."""
+    not an x86/ARM Linux/macOS toolchain, source missing), after one ``UserWarning`` giving the
+    reason (also :func:`unavailable_reason`)."""
     global _library, _library_error
     if _library is not None or _library_error is not None:
         return _library
     with _lock:
         if _library is not None or _library_error is not None:
             return _library
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
         try:
-            if compiler is None:
-                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
             if sys.platform == "win32":
                 raise RuntimeError("the fused CPU kernel is built with gcc/clang flags; Windows is not supported")
-            library = ctypes.CDLL(str(_build(compiler, _SOURCE.read_bytes())))
+            library = ctypes.CDLL(str(_build(_compiler(), _SOURCE.read_bytes())))
             library.larsopt_kernel_args_size.restype = ctypes.c_int64
             size = library.larsopt_kernel_args_size()
             if size != ctypes.sizeof(_KernelArgs):
@@ -102,10 +211,17 @@ def load() -> ctypes.CDLL | None:
             function = library.larsopt_lars_step
             function.restype = ctypes.c_int
             function.argtypes = [ctypes.POINTER(_KernelArgs)]
+            library.larsopt_opened_parallel_region.restype = ctypes.c_int
+            norms = library.larsopt_sums_of_squares
+            norms.restype = ctypes.c_int
+            norms.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                              ctypes.c_void_p]
             _library = library
         except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
             detail = getattr(error, "stderr", None) or str(error)
             _library_error = f"{type(error).__name__}: {detail}".strip()
+            warnings.warn(f"larsopt's fused CPU kernel is unavailable, so CPU steps run without it (impl='fused' "
+                          f"takes the foreach path, 12-20x slower): {_library_error}", UserWarning, stacklevel=2)
     return _library
 
 
@@ -135,8 +251,9 @@ def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | Non
     depend on the order and the update is element-wise). It runs once per tensor per step, so the
     common case (all contiguous) is checked first and cheaply.
     """
-    if not (is_plain(param) and is_plain(grad) and (buf is None or is_plain(buf))):
+    if not (has_plain_type(param) and has_plain_type(grad) and (buf is None or has_plain_type(buf))):
         return False  # a tensor subclass (DTensor's data_ptr() is 0) is not memory the kernel can walk
+    # (step() has handed on every tensor of a call made under a torch.func transform)
     dtype = param.dtype
     if master is not None or not param.is_cpu or grad.is_sparse or dtype not in _DTYPE_CODES \
             or grad.dtype != dtype or (options.stochastic_rounding and dtype == torch.bfloat16):
@@ -254,7 +371,7 @@ def _call(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: 
         lr_kind=_scalar_kind(lr),
         grad_scale_kind=_scalar_kind(grad_scale),
         found_inf_kind=_scalar_kind(found_inf),
-        threads=torch.get_num_threads(),
+        threads=_threads(),
         **dict(zip(_REAL_FIELDS, reals)),
         **dict(zip(_SWITCH_FIELDS, switches)),
     )
@@ -281,6 +398,48 @@ def _(params, grads, buffers, lr, grad_scale, found_inf, sums_out, trust_in, sta
 def _kernel_available() -> bool:
     """Whether the kernel is built and loaded here (a constant for dynamo: it builds at trace time)."""
     return load() is not None
+
+
+def _native_sums(tensors: list[Tensor], out: Tensor) -> None:
+    """The kernel's sums of squares of ``tensors`` (dense CPU tensors of one dtype) into ``out``."""
+    count = len(tensors)
+    pointers = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+    numels = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
+    load().larsopt_sums_of_squares(count, pointers, numels, _NORM_DTYPE_CODES[tensors[0].dtype], _threads(),
+                                   out.data_ptr())
+
+
+@torch.library.custom_op("larsopt::sums_of_squares", mutates_args=(), device_types="cpu")
+def _sums_of_squares_op(tensors: list[Tensor]) -> Tensor:
+    out = torch.empty(len(tensors), dtype=SUMS_DTYPE)
+    _native_sums(tensors, out)
+    return out
+
+
+@_sums_of_squares_op.register_fake
+def _(tensors):
+    return torch.empty(len(tensors), dtype=SUMS_DTYPE)
+
+
+def sums_of_squares(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The sums of squares of ``tensors`` (one dtype and device) as a float64 vector, summed by the
+    kernel (float blocks added in double, widened where a block overflows or underflows: accurate
+    at any size, finite for every finite tensor, read in one pass); ``None`` where the kernel
+    cannot take them (not plain float CPU tensors, autograd has to see them, or no kernel)."""
+    first = tensors[0]
+    if first.dtype not in _NORM_DTYPE_CODES or not first.is_cpu:
+        return None
+    if torch.compiler.is_compiling():
+        return _sums_of_squares_op([t if t.is_contiguous() else t.contiguous() for t in tensors]) \
+            if _kernel_available() else None
+    if transform_active() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    if not all(is_plain(t) and not t.is_sparse for t in tensors) or load() is None:
+        return None
+    out = torch.empty(len(tensors), dtype=SUMS_DTYPE)
+    # (the sum does not depend on the order of the elements, but the kernel walks numel() of them)
+    _native_sums([t if t.is_contiguous() else t.contiguous() for t in tensors], out)
+    return out
 
 
 class _Batch:
@@ -330,9 +489,14 @@ def step(
     Without ``reduce_sums`` each tensor's norms and update run back to back in one call (the update
     reads from cache); with it, one call per dtype takes the sums, ``reduce_sums`` combines them,
     and a second call updates with the trust ratios taken from the result."""
-    if not (_kernel_available() and _readable_scalar(options.lr) and _readable_scalar(grad_scale)
-            and _readable_scalar(found_inf)):
+    if not (_readable_scalar(options.lr) and _readable_scalar(grad_scale) and _readable_scalar(found_inf)):
         return list(range(len(params)))
+    compiling = torch.compiler.is_compiling()
+    if not compiling and transform_active():
+        return list(range(len(params)))  # vmap/grad wrappers: the kernel would write past the transform
+    # In grad mode, tensors that require grad go where autograd sees the in-place update (or
+    # refuses it, for a leaf), as with the other impls. LARS.step runs under no_grad.
+    autograd_sees = not compiling and torch.is_grad_enabled()
 
     batches: dict[torch.dtype, _Batch] = {}
     rest: list[int] = []
@@ -340,7 +504,8 @@ def step(
     for i, param in enumerate(params):
         grad = grads[i]
         buf = momentum_buffers[i] if use_momentum else None
-        if not covers(param, grad, buf, master_params[i], options):
+        if not covers(param, grad, buf, master_params[i], options) or autograd_sees and (
+                param.requires_grad or grad.requires_grad or (buf is not None and buf.requires_grad)):
             rest.append(i)
             continue
         batch = batches.get(param.dtype)
@@ -351,6 +516,8 @@ def step(
         batch.grads.append(grad)
         if use_momentum:
             batch.buffers.append(buf)
+    if batches and not _kernel_available():
+        return list(range(len(params)))
 
     if reduce_sums is None or not options.adapt:
         for batch in batches.values():

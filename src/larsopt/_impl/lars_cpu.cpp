@@ -12,10 +12,21 @@
 //
 // Threads: tensors below kCooperativeNumel are spread whole over the threads; larger tensors are
 // split into one contiguous slice per thread, and the same slice goes to the same thread in both
-// passes so that it is still in that core's cache.
+// passes so that it is still in that core's cache. A call with fewer than kParallelNumel elements
+// in all, or with threads == 1, opens no OpenMP parallel region at all: GNU libgomp's thread pool
+// does not survive fork(), so a child forked after a region was opened (which the caller then runs
+// with one thread) must never enter one, and for so little work waking threads costs more than
+// it saves.
+//
+// Norms: squares are summed in float over blocks of kBlock elements and the blocks in double. A
+// float block sum that is not finite (a square or the sum overflowed: entries around 1e19 and
+// up) or below kExactFloatSum (squares under FLT_MIN lost digits) is summed again in double, so
+// every finite tensor gets a finite and accurate norm; a real inf/NaN stays inf/NaN.
 
 #include <omp.h>
 
+#include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -24,19 +35,37 @@
 namespace {
 
 constexpr int64_t kCooperativeNumel = 1 << 15;
+constexpr int64_t kParallelNumel = 1 << 15;  // torch's own grain size for parallel loops
 constexpr int64_t kBlock = 1024;  // float partial sums over 1024 elements, then added in double
+constexpr int64_t kNormChunk = 1 << 16;  // larsopt_sums_of_squares: the unit of work of one thread
+// A float block sum at or above this keeps its digits: each of its 1024 squares is off by at most
+// 2^-150 (half the smallest subnormal), 2^-140 in all, a relative 2^-40 of the sum.
+constexpr float kExactFloatSum = 0x1p-100f;
 
 struct BFloat16 {
   uint16_t bits;
 };
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline double load(const double* p, int64_t i) { return p[i]; }
-inline float load(const BFloat16* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i].bits) << 16;
+struct Float16 {
+  uint16_t bits;
+};
+
+inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline double load(const double* p, int64_t i) { return p[i]; }
+inline float load(const BFloat16* p, int64_t i) { return bits_to_float(static_cast<uint32_t>(p[i].bits) << 16); }
+// IEEE half to float, exactly: the exponent and mantissa moved into float's fields and scaled by
+// 2^112 (which also makes subnormals normal); inf and NaN keep an all-ones exponent.
+inline float load(const Float16* p, int64_t i) {
+  const uint32_t h = p[i].bits, sign = (h & 0x8000u) << 16, magnitude = (h & 0x7fffu) << 13;
+  const float value = (h & 0x7c00u) == 0x7c00u ? bits_to_float(magnitude | 0x7f800000u)
+                                              : bits_to_float(magnitude) * 0x1p112f;
+  return sign ? -value : value;
 }
 
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
@@ -53,7 +82,7 @@ inline void store(BFloat16* p, int64_t i, float v) {
   p[i].bits = static_cast<uint16_t>(u >> 16);
 }
 
-template <typename T> struct Compute { using type = float; };
+template <typename T> struct Compute { using type = float; };  // float32, bfloat16, float16
 template <> struct Compute<double> { using type = double; };
 
 enum Form : int { kNoMomentum = 0, kPaper = 1, kTorch = 2 };
@@ -72,8 +101,14 @@ inline D rescaled(D g, D sign, D scale, D rescale) {
   return (HasScale ? signed_g / scale : signed_g) * rescale;
 }
 
+// Whether a block's sum of squares can be kept as summed (see "Norms" above): a float one that is
+// finite and at least kExactFloatSum (NaN is neither); a double one always.
+inline bool kept(float sum) { return sum >= kExactFloatSum && sum <= FLT_MAX; }
+inline bool kept(double) { return true; }
+
 // Sums of squares of w, of the rescaled gradient gr and (trust_norm "update") of gr + wd * w over
-// [begin, end), added to out[0..2].
+// [begin, end), added to out[0..2]. The values are those the update uses (gr and gr + wd * w in
+// the compute dtype); only their squares and sums are widened where a float block needs it.
 template <typename T, bool TrustUpdate, bool HasScale>
 void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
   using D = typename Compute<T>::type;
@@ -93,13 +128,59 @@ void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const H
         bu += ui * ui;
       }
     }
-    ww += bw;
-    gg += bg;
-    uu += bu;
+    if (kept(bw) && kept(bg) && (!TrustUpdate || kept(bu))) {
+      ww += bw;
+      gg += bg;
+      uu += bu;
+      continue;
+    }
+    double dw = 0, dg = 0, du = 0;
+#pragma omp simd reduction(+ : dw, dg, du)
+    for (int64_t i = start; i < stop; ++i) {
+      const D wi = load(w, i);
+      const D gi = rescaled<HasScale>(D(load(g, i)), sign, scale, rescale);
+      dw += double(wi) * double(wi);
+      dg += double(gi) * double(gi);
+      if (TrustUpdate) {
+        const double ui = double(gi + wd * wi);
+        du += ui * ui;
+      }
+    }
+    ww += dw;
+    gg += dg;
+    uu += du;
   }
   out[0] += ww;
   out[1] += gg;
   out[2] += uu;
+}
+
+// The sum of squares of x[begin, end) (larsopt_sums_of_squares), blocked as above.
+template <typename T>
+double sum_of_squares(const T* x, int64_t begin, int64_t end) {
+  using D = typename Compute<T>::type;
+  double total = 0;
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t stop = start + kBlock < end ? start + kBlock : end;
+    D block = 0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = start; i < stop; ++i) {
+      const D xi = load(x, i);
+      block += xi * xi;
+    }
+    if (kept(block)) {
+      total += block;
+      continue;
+    }
+    double wide = 0;
+#pragma omp simd reduction(+ : wide)
+    for (int64_t i = start; i < stop; ++i) {
+      const double xi = load(x, i);
+      wide += xi * xi;
+    }
+    total += wide;
+  }
+  return total;
 }
 
 // lam from the sums of squares, as reference.trust_ratio / clip_trust_ratio compute it: the
@@ -235,18 +316,58 @@ namespace {
 
 enum Phase : int { kWhole = 0, kNorms = 1, kUpdate = 2 };
 
+// Whether this process (or the one it was forked from) has opened a parallel region, and so has
+// an OpenMP thread pool that a forked child does not get.
+std::atomic<bool> opened_parallel_region{false};
+
+// Runs body(thread, threads) on `threads` OpenMP threads, or as body(0, 1) on the calling thread
+// without touching OpenMP when threads == 1 (see "Threads" above).
+template <typename Body>
+void run_threads(int threads, const Body& body) {
+  if (threads == 1) {
+    body(0, 1);
+    return;
+  }
+  opened_parallel_region.store(true, std::memory_order_relaxed);
+#pragma omp parallel num_threads(threads)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// The number of threads for a call over `total` elements, at most `threads` (at least 1).
+int threads_for(int64_t total, int threads) { return threads > 1 && total >= kParallelNumel ? threads : 1; }
+
+// Hands out [0, count) in runs of `run` to the threads that ask (OpenMP's schedule(dynamic, 4),
+// without OpenMP's worksharing calls).
+class Runs {
+ public:
+  Runs(int64_t count, int64_t run) : count_(count), run_(run) {}
+  // The next run's first index, or -1 when none is left.
+  int64_t next() {
+    const int64_t first = next_.fetch_add(run_, std::memory_order_relaxed);
+    return first < count_ ? first : -1;
+  }
+  int64_t end(int64_t first) const { return first + run_ < count_ ? first + run_ : count_; }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t count_, run_;
+};
+
 template <typename T>
 void step(const LarsKernelArgs& a, const Hyper& h) {
   using D = typename Compute<T>::type;
-  const int threads = a.threads < 1 ? 1 : a.threads;
   const int64_t count = a.count;
   const int64_t* numels = a.numels;
+  int64_t total = 0;
+  for (int64_t t = 0; t < count; ++t) total += numels[t];
+  const int threads = threads_for(total, a.threads);
   const UpdateFn<T> update = pick_update<T>(h);
   const bool norms = h.adapt && a.phase != kUpdate;
   std::vector<int64_t> whole, cooperative;
   for (int64_t t = 0; t < count; ++t) (numels[t] < kCooperativeNumel || threads == 1 ? whole : cooperative).push_back(t);
   // Per-thread partial sums of squares of the cooperative tensors, three per (tensor, thread).
   std::vector<double> partial(cooperative.size() * threads * 3, 0.0);
+  Runs whole_runs(static_cast<int64_t>(whole.size()), 4);
 
   // One tensor's trust ratio from its sums (or as given), and what the step reports of it.
   auto ratio = [&](int64_t t, const double* totals, bool report) -> D {
@@ -260,21 +381,19 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     return lam;
   };
 
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num();
-    const int nthreads = omp_get_num_threads();
-#pragma omp for schedule(dynamic, 4) nowait
-    for (int64_t k = 0; k < static_cast<int64_t>(whole.size()); ++k) {
-      const int64_t t = whole[k];
-      T* w = static_cast<T*>(a.params[t]);
-      const T* g = static_cast<const T*>(a.grads[t]);
-      double totals[3] = {0, 0, 0};
-      if (norms) sums(w, g, 0, numels[t], h, totals);
-      if (a.phase == kNorms) {
-        for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
-      } else {
-        update(w, g, buffer<T>(a.buffers, t), 0, numels[t], ratio(t, totals, true), h);
+  run_threads(threads, [&](int tid, int nthreads) {
+    for (int64_t first = whole_runs.next(); first >= 0; first = whole_runs.next()) {
+      for (int64_t k = first; k < whole_runs.end(first); ++k) {
+        const int64_t t = whole[k];
+        T* w = static_cast<T*>(a.params[t]);
+        const T* g = static_cast<const T*>(a.grads[t]);
+        double totals[3] = {0, 0, 0};
+        if (norms) sums(w, g, 0, numels[t], h, totals);
+        if (a.phase == kNorms) {
+          for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
+        } else {
+          update(w, g, buffer<T>(a.buffers, t), 0, numels[t], ratio(t, totals, true), h);
+        }
       }
     }
     for (size_t k = 0; k < cooperative.size(); ++k) {
@@ -301,6 +420,35 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
       }
       update(w, g, buffer<T>(a.buffers, t), begin, end, ratio(t, totals, tid == 0), h);
     }
+  });
+}
+
+// The sums of squares of `count` tensors of one dtype into sums_out[0..count), chunk by chunk:
+// each chunk's sum is added to its tensor's in chunk order, so the result does not depend on the
+// number of threads.
+template <typename T>
+void sums_of_tensors(int64_t count, const void* const* tensors, const int64_t* numels, int threads,
+                     double* sums_out) {
+  std::vector<int64_t> first_chunk(count + 1, 0);
+  for (int64_t t = 0; t < count; ++t) first_chunk[t + 1] = first_chunk[t] + (numels[t] + kNormChunk - 1) / kNormChunk;
+  const int64_t chunks = first_chunk[count];
+  std::vector<double> chunk_sums(chunks, 0.0);
+  std::vector<int64_t> owner(chunks);
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) owner[c] = t;
+  }
+  Runs runs(chunks, 1);
+  run_threads(threads_for(chunks * kNormChunk, threads), [&](int, int) {
+    for (int64_t c = runs.next(); c >= 0; c = runs.next()) {
+      const int64_t t = owner[c], begin = (c - first_chunk[t]) * kNormChunk;
+      const int64_t end = begin + kNormChunk < numels[t] ? begin + kNormChunk : numels[t];
+      chunk_sums[c] = sum_of_squares(static_cast<const T*>(tensors[t]), begin, end);
+    }
+  });
+  for (int64_t t = 0; t < count; ++t) {
+    double total = 0;
+    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) total += chunk_sums[c];
+    sums_out[t] = total;
   }
 }
 
@@ -313,6 +461,26 @@ double read_scalar(const void* ptr, int kind, double fallback) {
 }  // namespace
 
 extern "C" int64_t larsopt_kernel_args_size() { return static_cast<int64_t>(sizeof(LarsKernelArgs)); }
+
+extern "C" int larsopt_opened_parallel_region() { return opened_parallel_region.load() ? 1 : 0; }
+
+// The sum of squares of each of `count` dense tensors of one dtype (0 float32, 1 float64,
+// 2 bfloat16, 3 float16), as doubles, into sums_out. Returns 0, or 1 for an unknown dtype.
+extern "C" int larsopt_sums_of_squares(int64_t count, const void* const* tensors, const int64_t* numels,
+                                       int32_t dtype, int32_t threads, double* sums_out) {
+  if (dtype == 0) {
+    sums_of_tensors<float>(count, tensors, numels, threads, sums_out);
+  } else if (dtype == 1) {
+    sums_of_tensors<double>(count, tensors, numels, threads, sums_out);
+  } else if (dtype == 2) {
+    sums_of_tensors<BFloat16>(count, tensors, numels, threads, sums_out);
+  } else if (dtype == 3) {
+    sums_of_tensors<Float16>(count, tensors, numels, threads, sums_out);
+  } else {
+    return 1;
+  }
+  return 0;
+}
 
 // One phase (or the whole) of a LARS step over the tensors of `args`. Returns 0, or 1 when
 // found_inf > 0 (nothing written, as AMP's skipped step).
