@@ -442,3 +442,25 @@ def test_presets_keep_larsopts_guarantees(peer):
 def test_mlperf_epsilon_zero_runs_as_keras_default():
     optimizer = presets.mlperf([("w", torch.zeros(2, requires_grad=True))], 0.1)
     assert all(math.isclose(group["epsilon"], 1e-7) for group in optimizer.param_groups)
+
+
+def test_presets_accept_and_refuse_what_their_peers_do():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    # torch SGD's groups: nesterov in a group without momentum does nothing, and is accepted
+    for make in (lambda p: presets.timm(p, momentum=0.9, nesterov=True),
+                 lambda p: presets.bolts(p, 0.1, momentum=0.9, nesterov=True),
+                 lambda p: presets.larc(p, momentum=0.9, nesterov=True),
+                 lambda p: presets.pytorch_optimizer(p, momentum=0.9, nesterov=True)):
+        optimizer = make([{"params": [a]}, {"params": [b], "momentum": 0}])
+        assert [group["nesterov"] for group in optimizer.param_groups] == [True, False]
+    presets.pytorch_optimizer([a], momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match=r"presets.pytorch_optimizer: Invalid dampening: 1.0.*\[0, 1\)"):
+        presets.pytorch_optimizer([a], dampening=1.0)
+    with pytest.raises(ValueError, match="presets.timm: Invalid trust_coeff"):
+        presets.timm([a], trust_coeff=-1.0)
+    with pytest.raises(ValueError, match="presets.bolts: Invalid eps"):
+        presets.bolts([a], 0.1, eps=-1.0)
+    with pytest.raises(ValueError, match=r"presets.timm: param group key\(s\) \['eta'\] are larsopt settings"):
+        presets.timm([{"params": [a], "eta": 3.0}])
+    optimizer = presets.optax([a], 0.1, weight_decay=0.1, weight_decay_mask=None, trust_ratio_mask=None)
+    assert all(group["lars"] and group["weight_decay"] == 0.1 for group in optimizer.param_groups)

@@ -10,7 +10,10 @@ keys (``trust_coeff`` for timm, ``weight_decay_filter`` for FAIR SSL, ...), and 
 ``(name, tensor)`` pairs (``model.named_parameters()``), which name-based rules need. Groups split by
 a per-tensor rule become several ``larsopt.LARS`` groups (an LR scheduler treats them as one).
 Arguments that only choose a peer's code path (``foreach``, ``name``) are accepted and have no
-effect: larsopt picks its own implementation (``impl``).
+effect: larsopt picks its own implementation (``impl``). The returned optimizer's groups hold
+larsopt's keys (``eta`` for timm's ``trust_coeff``, ``epsilon`` for ``eps``, ...): change those, not the
+peer's names, after construction. Values the peer accepts and larsopt refuses (momentum >= 1,
+dampening outside [0, 1], negative coefficients) raise ``ValueError`` naming the peer's argument.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from typing import Any
 
 from torch import Tensor
 
+from larsopt.options import group_defaults
 from larsopt.optim import LARS
+
+#: Every param-group key of larsopt.LARS: a peer's group carrying one that is not the peer's own
+#: would change what larsopt computes while the peer ignores it.
+LARS_SETTINGS = frozenset(group_defaults())
 
 __all__ = ["bolts", "larc", "mlperf", "mxnet", "optax", "pytorch_optimizer", "ssl", "timm"]
 
@@ -51,10 +59,12 @@ def _named_groups(params: Any, peer: str) -> list[dict[str, Any]]:
 
 
 def _build(params: Any, peer: str, peer_defaults: dict[str, Any], translate: Callable[[dict[str, Any]], dict[str, Any]],
-           fixed: dict[str, Any], rule: _Rule | None = None, needs_names: bool = False) -> LARS:
+           fixed: dict[str, Any], rule: _Rule | None = None, needs_names: bool = False,
+           spelled: Mapping[str, str] | None = None) -> LARS:
     """A ``larsopt.LARS`` over ``params``: every group's peer keys (over ``peer_defaults``) translated
     to larsopt's, ``fixed`` options for the peer's formula, and the tensors of a group split by
-    ``rule(name, tensor, peer_group) -> larsopt overrides``."""
+    ``rule(name, tensor, peer_group) -> larsopt overrides``. ``spelled``: larsopt name -> the peer's, for
+    error messages."""
     groups = []
     for group in _named_groups(params, peer):
         names = group.pop("param_names")
@@ -62,6 +72,11 @@ def _build(params: Any, peer: str, peer_defaults: dict[str, Any], translate: Cal
         peer_group = {**peer_defaults, **group}
         settings = {**fixed, **translate(peer_group)}
         extra = {key: value for key, value in group.items() if key not in peer_defaults}  # user metadata
+        clashing = sorted(key for key in extra if key in LARS_SETTINGS)
+        if clashing:
+            raise ValueError(f"presets.{peer}: param group key(s) {clashing} are larsopt settings, not {peer}'s "
+                             f"(its per-group keys: {sorted(peer_defaults)}); {peer} would ignore them: remove "
+                             "them, or build a larsopt.LARS directly")
         if rule is None:
             groups.append(_group(tensors, names, {**settings, **extra}))
             continue
@@ -78,7 +93,13 @@ def _build(params: Any, peer: str, peer_defaults: dict[str, Any], translate: Cal
         for key, (members, member_names) in split.items():
             groups.append(_group(members, member_names if names is not None else None,
                                  {**settings, **dict(key), **extra}))
-    return LARS(groups, **fixed)
+    try:
+        return LARS(groups, **fixed)
+    except ValueError as error:
+        message = str(error)
+        for name, peer_name in (spelled or {}).items():
+            message = message.replace(f"Invalid {name}:", f"Invalid {peer_name}:")
+        raise ValueError(f"presets.{peer}: {message}") from None
 
 
 def _group(tensors: list[Tensor], names: list[str] | None, settings: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +114,8 @@ def _plain(tensor_rule: bool) -> dict[str, Any]:
 
 def _mask(mask: Any, argument: str, peer: str) -> Callable[[str | None, Tensor], bool]:
     """optax's masks: a bool for every tensor, or a callable ``(name, tensor) -> bool``."""
+    if mask is None:  # optax: no mask, the transform applies everywhere
+        return lambda name, tensor: True
     if isinstance(mask, bool):
         return lambda name, tensor: mask
     if callable(mask):
@@ -115,6 +138,11 @@ def _check_nesterov(peer: str, nesterov: bool, momentum: float, dampening: float
 _TORCH_SGD = dict(momentum_form="torch", trust_norm="sum", buffer_start="update")
 
 
+def _nesterov(group: dict[str, Any]) -> bool:
+    """torch SGD's rule: Nesterov only changes a step with momentum (a group with momentum 0 ignores it)."""
+    return bool(group["nesterov"]) and group["momentum"] != 0
+
+
 def timm(params: Iterable[Any], lr: float = 1.0, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
          nesterov: bool = False, trust_coeff: float = 0.001, eps: float = 1e-8, trust_clip: bool = False,
          always_adapt: bool = False, foreach: bool | None = None) -> LARS:
@@ -127,8 +155,9 @@ def timm(params: Iterable[Any], lr: float = 1.0, momentum: float = 0, dampening:
                     foreach=foreach)
     return _build(params, "timm", defaults, lambda g: dict(
         lr=g["lr"], momentum=g["momentum"], dampening=g["dampening"], weight_decay=g["weight_decay"],
-        nesterov=g["nesterov"], eta=g["trust_coeff"], epsilon=g["eps"], trust_clip=g["trust_clip"],
-        adapt_when="always" if g["always_adapt"] else "weight_decay"), fixed=dict(_TORCH_SGD))
+        nesterov=_nesterov(g), eta=g["trust_coeff"], epsilon=g["eps"], trust_clip=g["trust_clip"],
+        adapt_when="always" if g["always_adapt"] else "weight_decay"), fixed=dict(_TORCH_SGD),
+        spelled=dict(eta="trust_coeff", epsilon="eps"))
 
 
 def pytorch_optimizer(params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
@@ -137,14 +166,17 @@ def pytorch_optimizer(params: Iterable[Any], lr: float = 1e-3, weight_decay: flo
     """``pytorch_optimizer.LARS`` (4.x): only tensors with ``ndim > 1`` get the trust ratio and weight
     decay (the others take plain momentum SGD); no epsilon, ratio 1 only where |w| or
     |g| + wd |w| is 0; the momentum buffer starts at zero and is dampened from the first step."""
+    if not (isinstance(dampening, (int, float)) and 0.0 <= dampening < 1.0):
+        raise ValueError(f"presets.pytorch_optimizer: Invalid dampening: {dampening!r}; expected a number in [0, 1) "
+                         "(pytorch-optimizer's range)")
     defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                     trust_coefficient=trust_coefficient, nesterov=nesterov, foreach=foreach)
     return _build(params, "pytorch_optimizer", defaults, lambda g: dict(
         lr=g["lr"], weight_decay=g["weight_decay"], momentum=g["momentum"], dampening=g["dampening"],
-        eta=g["trust_coefficient"], nesterov=g["nesterov"]),
+        eta=g["trust_coefficient"], nesterov=_nesterov(g)),
         fixed=dict(momentum_form="torch", trust_norm="sum", epsilon=0.0, buffer_start="zeros",
                    fallback_on="zero_denominator", maximize=maximize),
-        rule=lambda name, tensor, g: _plain(tensor.ndim > 1))
+        rule=lambda name, tensor, g: _plain(tensor.ndim > 1), spelled=dict(eta="trust_coefficient"))
 
 
 def bolts(params: Iterable[Any], lr: float, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
@@ -157,8 +189,9 @@ def bolts(params: Iterable[Any], lr: float, momentum: float = 0, dampening: floa
                     trust_coefficient=trust_coefficient, eps=eps)
     return _build(params, "bolts", defaults, lambda g: dict(
         lr=g["lr"], momentum=g["momentum"], dampening=g["dampening"], weight_decay=g["weight_decay"],
-        nesterov=g["nesterov"], eta=g["trust_coefficient"], epsilon=g["eps"]),
-        fixed=dict(_TORCH_SGD, adapt_when="weight_decay", fallback="plain_step"))
+        nesterov=_nesterov(g), eta=g["trust_coefficient"], epsilon=g["eps"]),
+        fixed=dict(_TORCH_SGD, adapt_when="weight_decay", fallback="plain_step"),
+        spelled=dict(eta="trust_coefficient", epsilon="eps"))
 
 
 def larc(params: Iterable[Any], lr: float = 1e-3, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
@@ -172,8 +205,9 @@ def larc(params: Iterable[Any], lr: float = 1e-3, momentum: float = 0, dampening
     defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     return _build(params, "larc", defaults, lambda g: dict(
         lr=g["lr"], momentum=g["momentum"], dampening=g["dampening"], weight_decay=g["weight_decay"],
-        nesterov=g["nesterov"]),
-        fixed=dict(_TORCH_SGD, eta=trust_coefficient, epsilon=eps, trust_clip=clip, fallback="plain_step"))
+        nesterov=_nesterov(g)),
+        fixed=dict(_TORCH_SGD, eta=trust_coefficient, epsilon=eps, trust_clip=clip, fallback="plain_step"),
+        spelled=dict(eta="trust_coefficient", epsilon="eps", trust_clip="clip"))
 
 
 def optax(params: Iterable[Any], learning_rate: float, weight_decay: float = 0.0, weight_decay_mask: Any = True,
