@@ -20,7 +20,7 @@ say what the rule says, the peer's rule wins (documented per preset in docs/cli.
   MXNet's name rule keeps norm layers and biases out of the trust ratio; the rule's groups choose weight
   decay.
 
-Every LARS reports the trust ratios its steps applied (``telemetry=True`` in each group), for trust.png.
+Every LARS reports the trust ratios its steps applied (``telemetry`` on in each group), for trust.png.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import larsopt
 from larsopt import presets
-from larsopt.cli.config import OPTIMIZERS, RunConfig
+from larsopt.cli.config import OPTIMIZERS, PRESETS, RunConfig
 from larsopt.cli.errors import UsageError
 from larsopt.grouping import NORM_LAYERS
 
@@ -52,12 +52,12 @@ def _names(groups: list[dict[str, Any]], keep: Any) -> set[str]:
 
 def _decayed_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rule's groups as a torch-style peer takes them: only ``weight_decay`` per group."""
-    return [{"params": _pairs(group), "weight_decay": group["weight_decay"], "telemetry": True} for group in groups]
+    return [{"params": _pairs(group), "weight_decay": group["weight_decay"]} for group in groups]
 
 
 def _one_group(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every param in one group, for a peer that takes per-tensor rules instead of groups."""
-    return [{"params": [pair for group in groups for pair in _pairs(group)], "telemetry": True}]
+    return [{"params": [pair for group in groups for pair in _pairs(group)]}]
 
 
 def _skip_list(groups: list[dict[str, Any]]) -> list[str]:
@@ -129,14 +129,14 @@ def _mlperf(config: RunConfig, model: nn.Module, groups: list[dict[str, Any]]) -
 
 def _ssl(config: RunConfig, model: nn.Module, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return presets.ssl([{"params": _pairs(group), "weight_decay_filter": group["weight_decay"] == 0,
-                         "lars_adaptation_filter": not group["lars"], "telemetry": True} for group in groups],
+                         "lars_adaptation_filter": not group["lars"]} for group in groups],
                        lr=config.peak_lr, weight_decay=config.weight_decay, momentum=config.momentum, eta=config.eta)
 
 
 def _mxnet(config: RunConfig, model: nn.Module, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     renamed = _gluon_names(model)
     return presets.mxnet([{"params": [(renamed.get(name, name), param) for name, param in _pairs(group)],
-                           "weight_decay": group["weight_decay"], "telemetry": True} for group in groups],
+                           "weight_decay": group["weight_decay"]} for group in groups],
                          learning_rate=config.peak_lr, momentum=config.momentum, eta=config.eta,
                          wd=config.weight_decay)
 
@@ -150,7 +150,13 @@ def build(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer ``config.optimizer`` names over ``model``'s params, with the run's settings."""
     exclude = None if config.exclude == "none" else config.exclude
     groups = larsopt.param_groups(model, weight_decay=config.weight_decay, exclude=exclude)
-    return _BUILDERS[config.optimizer](config, model, groups)
+    optimizer = _BUILDERS[config.optimizer](config, model, groups)
+    if config.optimizer in PRESETS:
+        # A preset takes only its peer's arguments and group keys; telemetry is a group key of the
+        # larsopt.LARS it returns, read at every step.
+        for group in optimizer.param_groups:
+            group["telemetry"] = True
+    return optimizer
 
 
 def trust_layers(optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor, float]]:
