@@ -65,15 +65,12 @@ def _params(seed: int = 0, infinite_grad: bool = False):
 
 
 def _optimizer(adapted, unadapted, **options):
-    groups = [{"params": [(name, torch.nn.Parameter(w.clone())) for name, (w, _) in adapted.items()]},
-              {"params": [(name, torch.nn.Parameter(w.clone())) for name, (w, _) in unadapted.items()], "lars": False}]
-    groups = [{"params": [p for _, p in g["params"]], "param_names": [n for n, _ in g["params"]],
-               **{k: v for k, v in g.items() if k != "params"}} for g in groups]
+    groups = [{"params": [(name, torch.nn.Parameter(w.clone())) for name, (w, _) in named.items()], **group_keys}
+              for named, group_keys in ((adapted, {}), (unadapted, {"lars": False}))]
     opt = larsopt.LARS(groups, eta=ETA, epsilon=EPSILON, rescale_grad=RESCALE, telemetry=True, **options)
-    grads = {**adapted, **unadapted}
-    for group in opt.param_groups:
-        for name, param in zip(group["param_names"], group["params"]):
-            param.grad = grads[name][1].clone()
+    for group, named in zip(opt.param_groups, (adapted, unadapted)):
+        for param, (_, grad) in zip(group["params"], named.values()):
+            param.grad = grad.clone()
     return opt
 
 

@@ -51,7 +51,8 @@ from larsopt.options import LarsOptions
 #:   unscaling, ``maximize`` and ``rescale_grad``) and lam after the LARC clip, as the step computed
 #:   them; a group with ``lars=False`` has no norms (nan) and lam = 1.
 #: * ``step_size``: ``lr * lam``, the factor of the update ``g + wd * w`` in the step.
-#: * ``fallback``: 1 where the ratio was not taken (lam = 1 instead), and why, exactly one of:
+#: * ``fallback``: 1 where the ratio was not taken (lam = 1 instead, clipped too under ``trust_clip``
+#:   with ``fallback="ratio_one"``), and why, exactly one of:
 #:   ``fallback_not_finite`` (|w| or |g| is inf or nan), ``fallback_zero_w`` (|w| = 0),
 #:   ``fallback_zero_g`` (|g| = 0; with ``fallback_on="zero_denominator"``, the denominator
 #:   without epsilon).
@@ -181,8 +182,7 @@ class _Recorder:
         self._parts: list[_Part] = []  # the last step's
         self._skip: Tensor | None = None  # the last step's AMP skip flag (0-d bool)
         self._streak_rows: Tensor | None = None  # the streaks of the last step's rows, after it
-        self._table: Tensor | None = None  # the last step's rows of COLUMNS, once derived
-        self._last: Telemetry | None = None
+        self._names: tuple[list[str], list[bool]] | None = None  # the last step's names and adapted, once read
         self._slot_index: tuple[tuple[int, ...], Tensor] | None = None
 
     def record(self, parts: list[tuple[int, list[int] | None, Tensor]], found_inf: Tensor | None) -> None:
@@ -212,26 +212,25 @@ class _Recorder:
         else:
             self.streaks[slots] = streaks
         self._streak_rows = streaks
-        self._table = self._last = None
+        self._names = None
         if self.accumulators:
             table = self.table()
             for accumulator in self.accumulators:
                 accumulator._fold(table, slots, self._skip, len(self.slot_names), device)
 
     def table(self) -> Tensor:
-        """The last step's rows of :data:`COLUMNS` (derived on first use)."""
-        if self._table is None:
-            device = self._streak_rows.device
-            skipped = torch.zeros((), device=device) if self._skip is None else self._skip.to(torch.float32)
-            rows = [_step_rows(part, skipped) for part in self._parts]
-            self._table = torch.cat([torch.cat(rows) if len(rows) > 1 else rows[0], self._streak_rows], 1)
-        return self._table
+        """The last step's rows of :data:`COLUMNS`, derived from what the step kept. (Anew at each
+        read: a replayed CUDA graph rewrites what the step kept without running this code.)"""
+        device = self._streak_rows.device
+        skipped = torch.zeros((), device=device) if self._skip is None else self._skip.to(torch.float32)
+        rows = [_step_rows(part, skipped) for part in self._parts]
+        return torch.cat([torch.cat(rows) if len(rows) > 1 else rows[0], self._streak_rows], 1)
 
     def last_step(self) -> Telemetry:
-        """The last recorded step as a :class:`Telemetry` (its names looked up now, not in the step)."""
+        """The last recorded step as a :class:`Telemetry` (its names looked up on read, not in the step)."""
         if not self._parts:
             return Telemetry([], torch.zeros(0, len(COLUMNS)), warnings_from=self)
-        if self._last is None:
+        if self._names is None:
             names: list[str] = []
             adapted: list[bool] = []
             for part in self._parts:
@@ -240,8 +239,9 @@ class _Recorder:
                 group_names = group_names if part.stepped is None else [group_names[i] for i in part.stepped]
                 names += group_names
                 adapted += [part.options.adapt] * len(group_names)
-            self._last = Telemetry(names, self.table(), adapted=adapted, warnings_from=self)
-        return self._last
+            self._names = (names, adapted)
+        names, adapted = self._names
+        return Telemetry(list(names), self.table(), adapted=list(adapted), warnings_from=self)
 
     def _lay_out(self, optimizer: Any, layout: tuple[tuple[int, int], ...], device: torch.device) -> None:
         """(Re)assign slots: on the first step, and where groups were added or moved device."""
@@ -267,9 +267,9 @@ class _Recorder:
 
     def adapted_slots(self) -> list[bool]:
         """Per slot, whether its group takes the trust ratio now."""
-        optimizer = self._optimizer()
-        return [LarsOptions.from_group(optimizer.param_groups[number]).effective().adapt
-                for number, count in self.layout for _ in range(count)]
+        groups = self._optimizer().param_groups
+        return [adapt for number, count in self.layout
+                for adapt in [LarsOptions.from_group(groups[number]).effective().adapt] * count]
 
     def warn(self, values: dict[str, dict[str, Any]]) -> None:
         """Give the warnings of the module docstring that ``values`` (read-back rows) call for."""
@@ -283,7 +283,7 @@ class _Recorder:
                     f"LARS param {name!r} took the trust-ratio fallback (lam = 1: "
                     f"{', '.join(label for label, _ in reasons)}) at each of its last {row['fallback_streak']} "
                     f"steps, at step size lr * lam = {step_size:g}: its update is the plain gradient step at that "
-                    f"size. {' '.join(hint for _, hint in reasons)}", TelemetryWarning, stacklevel=3)
+                    f"size. {' '.join(dict.fromkeys(hint for _, hint in reasons))}", TelemetryWarning, stacklevel=3)
             if row["clip_streak"] >= CLIP_WARNING_STEPS and ("clip", name) not in self.warned:
                 self.warned.add(("clip", name))
                 warnings.warn(
