@@ -224,6 +224,6 @@ def test_pytorch_optimizer_spelled_as_the_package_and_resume_refuses_another_opt
 
 
 def test_timm_without_weight_decay_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", *TINY, "--epochs", "1", "--warmup-epochs", "0.4", "--optimizer", "timm", "--weight-decay", "0",
-                 "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", *TINY, "--epochs", "1", "--warmup-epochs", "0.4", "--optimizer", "timm",
+                 "--weight-decay", "0", "--out", str(tmp_path / "run")]) == 0
     assert "timm adapts only the param groups with weight decay" in capsys.readouterr().err

@@ -6,7 +6,8 @@ and ``--eta``, each passed as the preset's own argument of that meaning. ``--exc
 with the peer's own mechanism, so each preset runs as its users run it; where that mechanism cannot
 say what the rule says, the peer's rule wins (documented per preset in docs/cli.md):
 
-* lars, sgd: ``larsopt.param_groups`` groups (``lars=False`` and ``weight_decay=0`` on the excluded).
+* lars, sgd: ``larsopt.param_groups`` groups (the excluded get ``lars=False`` and, but under the mxnet
+  rule, ``weight_decay=0``).
 * timm, bolts: param groups with the excluded tensors' ``weight_decay=0``; the peer adapts exactly the
   groups with weight decay.
 * pytorch_optimizer: the same groups; the peer keeps every 1-D tensor out of the trust ratio and weight
@@ -25,6 +26,7 @@ Every LARS reports the trust ratios its steps applied (``telemetry`` on in each 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ def _pairs(group: dict[str, Any]) -> list[tuple[str, Tensor]]:
     return list(zip(group["param_names"], group["params"]))
 
 
-def _names(groups: list[dict[str, Any]], keep: Any) -> set[str]:
+def _names(groups: list[dict[str, Any]], keep: Callable[[dict[str, Any]], bool]) -> set[str]:
     return {name for group in groups if keep(group) for name in group["param_names"]}
 
 
@@ -67,8 +69,8 @@ def _skip_list(groups: list[dict[str, Any]]) -> list[str]:
     for name in _names(groups, lambda group: group["lars"]):
         inside = [skip for skip in skipped if skip in name]
         if inside:
-            raise UsageError(f"--optimizer mlperf: skip_list matches substrings of names, and the excluded {inside[0]!r} "
-                             f"is part of {name!r}, which --exclude keeps in the trust ratio")
+            raise UsageError(f"--optimizer mlperf: skip_list matches substrings of names, and the excluded "
+                             f"{inside[0]!r} is part of {name!r}, which --exclude keeps in the trust ratio")
     return skipped
 
 
@@ -164,5 +166,6 @@ def trust_layers(optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor, fl
     and for timm's and Bolts' rule (``adapt_when="weight_decay"``) a weight decay that is not 0."""
     return [(name, param, group["weight_decay"])
             for group in optimizer.param_groups
-            if group.get("lars", True) and not (group.get("adapt_when") == "weight_decay" and group["weight_decay"] == 0)
+            if group.get("lars", True)
+            and not (group.get("adapt_when") == "weight_decay" and group["weight_decay"] == 0)
             for name, param in zip(group["param_names"], group["params"])]
