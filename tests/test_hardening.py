@@ -164,7 +164,9 @@ def _stepped_model():
     optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
     _set_grads(params, 0)
     optimizer.step()
-    twin = copy.deepcopy(optimizer)
+    twin = larsopt.LARS([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.1, momentum=0.9,
+                        weight_decay=1e-4)
+    twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # (a state_dict holds the live tensors)
     _set_grads(params, 1)
     _set_grads(twin.param_groups[0]["params"], 1)
     twin.step()
@@ -175,7 +177,8 @@ def _child_step(optimizer, want) -> None:
     optimizer.step()
     # (torch's own parallel ops wait forever in such a child: compare on one thread)
     torch.set_num_threads(1)
-    same = all(torch.equal(p, w) for p, w in zip(optimizer.param_groups[0]["params"], want))
+    # (the child sums on one thread, the parent on two: the last bits of a norm may differ)
+    same = all(torch.allclose(p, w, rtol=1e-5, atol=1e-7) for p, w in zip(optimizer.param_groups[0]["params"], want))
     os._exit(0 if same else 1)
 
 
@@ -328,19 +331,16 @@ def test_a_leaf_that_requires_grad_raises_torch_s_error_in_grad_mode(impl):
     assert torch.equal(weight.detach(), before)
 
 
-def _nonleaf_step(impl: str):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_non_leaf_is_updated_where_autograd_sees_it(impl):
     leaf = torch.ones(4, 5, requires_grad=True)
     weight = leaf * 2
+    made_by = weight.grad_fn
     F.lars([weight], [torch.full((4, 5), 0.5)], [None], lr=0.1, momentum=0.9, weight_decay=0.1, impl=impl)
-    return weight
-
-
-def test_a_non_leaf_is_updated_where_autograd_sees_it_by_every_impl():
-    want = _nonleaf_step("reference")
-    for impl in ("foreach", "fused"):
-        got = _nonleaf_step(impl)
-        torch.testing.assert_close(got, want)
-        assert got.grad_fn is not None and got._version == want._version, impl  # recorded, not behind autograd
+    want = (leaf * 2).detach()
+    F.lars([want], [torch.full((4, 5), 0.5)], [None], lr=0.1, momentum=0.9, weight_decay=0.1, impl="reference")
+    torch.testing.assert_close(weight.detach(), want)
+    assert weight.grad_fn is not made_by  # the update is in the graph, not written behind autograd
 
 
 @pytest.mark.parametrize("impl", IMPLS)

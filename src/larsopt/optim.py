@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,19 @@ from larsopt.options import OPTIMIZER_SETTINGS, LarsOptions, check_group, group_
 _STATE_KEYS = ("momentum_buffer", "master_param")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _OWN_SETTINGS = tuple(OPTIMIZER_SETTINGS)
+
+
+def _one_edit_apart(key: str, name: str) -> bool:
+    """Whether ``key`` is ``name`` or becomes it by one insertion, deletion, substitution or swap of
+    neighbours."""
+    if key == name:
+        return True
+    if len(key) == len(name):
+        differ = [i for i, (a, b) in enumerate(zip(key, name)) if a != b]
+        return len(differ) == 1 or (len(differ) == 2 and differ[1] == differ[0] + 1
+                                    and key[differ[0]] == name[differ[1]] and key[differ[1]] == name[differ[0]])
+    shorter, longer = sorted((key, name), key=len)
+    return len(longer) - len(shorter) == 1 and any(longer[:i] + longer[i + 1:] == shorter for i in range(len(longer)))
 
 
 def _capturing() -> bool:
@@ -73,7 +87,8 @@ class LARS(Optimizer):
             The trust ratio uses |w| over all rows and |g| over the present rows either way.
         stochastic_rounding: bfloat16 params without a master copy are written back with
             unbiased stochastic rounding (drawn from ``generator`` when given).
-        generator: ``torch.Generator`` for stochastic rounding (not saved in ``state_dict``).
+        generator: ``torch.Generator`` for stochastic rounding (not saved in ``state_dict``; a copy,
+            pickle or ``torch.save`` of the whole optimizer takes it along in its current state).
         telemetry: keep each param's |w|, |g|, trust ratio, step size and fallback and clip flags of
             the last step (:meth:`telemetry`, :mod:`larsopt.telemetry`).
         dampening: torch SGD's momentum dampening d: the buffer takes (1 - d) of each update.
@@ -170,11 +185,18 @@ class LARS(Optimizer):
                 group.setdefault(key, setting.default)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see ``torch.optim.Optimizer.add_param_group``). Keys other than the LARS
+        settings are kept as they are, as torch keeps them (the layer id or lr scale of layer-wise lr
+        decay, ``initial_lr`` of a resumed scheduler); one a single edit away from a setting warns,
+        as it is probably a typo."""
         check_group({**self.defaults, **param_group})
-        unknown = set(param_group) - set(self.defaults) - {"params", "param_names", "previous_lr"}
-        if unknown:
-            raise ValueError(f"Invalid param group key(s) {sorted(unknown)}; allowed keys are "
-                             f"'params', 'param_names' and {sorted(self.defaults)}")
+        known = {*self.defaults, "params", "param_names", "previous_lr"}
+        for key in param_group:
+            if isinstance(key, str) and key not in known:
+                close = next((name for name in sorted(known) if _one_edit_apart(key.lower(), name)), None)
+                if close is not None:
+                    warnings.warn(f"param group key {key!r} is not a LARS setting (kept as user metadata); did you "
+                                  f"mean {close!r}?", UserWarning, stacklevel=2)
         try:
             super().add_param_group(param_group)
         except ValueError as error:
@@ -222,9 +244,14 @@ class LARS(Optimizer):
         if _capturing():
             self._check_capture()
         telemetry: list[tuple[int, list[int] | None, Tensor]] = []  # (group number, params stepped (None: all), stats)
+        # Every group is gathered, and checked, before any is stepped: a bad gradient in one group
+        # raises with no tensor changed. (Masters are created, and stale ones dropped, only then.)
+        gathered = []
         for number, group in enumerate(self.param_groups):
             params, grads, buffers, masters = [], [], [], []
             new_buffers: list[tuple[int, dict[str, Any]]] = []  # (position in buffers, state to keep it in)
+            new_masters: list[tuple[int, Tensor, dict[str, Any]]] = []  # (position in masters, param, its state)
+            stale_masters: list[dict[str, Any]] = []
             use_momentum = group["momentum"] != 0
             multi_precision, lazy_update = group["multi_precision"], group["lazy_update"]
             for index, param in enumerate(group["params"]):
@@ -233,25 +260,25 @@ class LARS(Optimizer):
                     continue
                 if lazy_update and grad.is_sparse and grad.sparse_dim() != 1:
                     raise RuntimeError(f"LARS got a sparse gradient with sparse_dim={grad.sparse_dim()} for param "
-                                       f"{self._param_label(group, index)}; lazy_update needs row-sparse gradients "
-                                       "(sparse_dim == 1, as nn.Embedding(sparse=True) makes); set lazy_update=False "
-                                       "for a dense update")
+                                       f"{self._param_label(group, index)} of group {number}; lazy_update needs "
+                                       "row-sparse gradients (sparse_dim == 1, as nn.Embedding(sparse=True) makes); "
+                                       "set lazy_update=False for a dense update (no param was changed)")
                 wants_master = multi_precision and param.dtype in _LOW_PRECISION
                 state = self.state[param] if use_momentum or wants_master or param in self.state else {}
                 master = None
                 if wants_master:
                     master = state.get("master_param")
                     if master is None:
-                        master = state["master_param"] = param.detach().to(torch.float32, copy=True)
+                        new_masters.append((len(masters), param, state))
                 elif "master_param" in state:
-                    del state["master_param"]  # the param itself is current when masters are off
+                    stale_masters.append(state)  # the param itself is current when masters are off
                 params.append(param)
                 grads.append(grad)
                 masters.append(master)
                 buf = None
                 if use_momentum:
                     buf = state.get("momentum_buffer")
-                    buffer_dtype = torch.float32 if master is not None else param.dtype
+                    buffer_dtype = torch.float32 if wants_master else param.dtype
                     if buf is None or buf.dtype != buffer_dtype:
                         new_buffers.append((len(buffers), state))
                         buf = None if buf is None else buf.to(buffer_dtype)
@@ -265,6 +292,13 @@ class LARS(Optimizer):
             names = None
             if group.get("param_names") and sharded.possible():  # (only for the errors of sharded params)
                 names = [name for name, param in zip(group["param_names"], group["params"]) if param.grad is not None]
+            gathered.append((group, params, grads, buffers, masters, new_buffers, new_masters, stale_masters, stats,
+                             names))
+        for group, params, grads, buffers, masters, new_buffers, new_masters, stale_masters, stats, names in gathered:
+            for position, param, state in new_masters:
+                masters[position] = state["master_param"] = param.detach().to(torch.float32, copy=True)
+            for state in stale_masters:
+                del state["master_param"]
             previous_lr = group.get("previous_lr") if group["momentum_correction"] else None
             F.lars(params, grads, buffers, LarsOptions.from_group(group), master_params=masters, grad_scale=grad_scale,
                    found_inf=found_inf, generator=self.generator, stats=stats, param_names=names,
@@ -350,8 +384,11 @@ class LARS(Optimizer):
         self._graph_captured = True  # load_state_dict now keeps what the graph reads and writes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`. A state that does not fit this optimizer
-        raises ``ValueError`` and leaves the optimizer unchanged.
+        """Load a state saved by :meth:`state_dict`. The load pre-hooks
+        (``register_load_state_dict_pre_hook``) run first, on a shallow copy, and what they return
+        is checked and loaded; the post-hooks run after the load. A state that does not fit this
+        optimizer, or is not a state dict at all (a malformed one included), raises ``ValueError``
+        and leaves the optimizer unchanged.
 
         Hyper-parameters come from the saved state, except ``multi_precision``, ``impl`` and
         ``capturable``, which stay as this optimizer was built. A tensor ``lr`` stays this
@@ -365,42 +402,15 @@ class LARS(Optimizer):
         state is copied into the existing tensors, and a saved state that lacks one of them,
         holds other hyper-parameters or per-group lrs for one shared lr tensor raises, leaving
         the optimizer unchanged (build a new optimizer and capture again)."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("Invalid state_dict: expected a dict with 'state' and 'param_groups' "
-                             "(as returned by LARS.state_dict())")
+        # torch runs the load pre-hooks on a shallow copy first, so that a hook can migrate an old
+        # or foreign checkpoint: run them before checking, then load what they return.
+        state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        params_by_id = self._checked_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"Invalid state_dict: it has {len(saved_groups)} param groups, this optimizer has "
-                             f"{len(self.param_groups)}")
-        params_by_id: dict[int, Tensor] = {}
-        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"Invalid state_dict: param group {number} has {len(saved['params'])} params "
-                                 f"there and {len(group['params'])} here")
-            # (torch's __setstate__, run by every load, adds "differentiable" to the defaults)
-            # (options added after the first release take their default when a saved group lacks them)
-            missing = sorted(group_keys_saved_since_first_release() - set(saved))
-            if missing:
-                raise ValueError(f"Invalid state_dict: param group {number} lacks the LARS settings {missing}; "
-                                 "is it from a different optimizer?")
-            # (the saved values alone: this optimizer's own settings replace the saved ones below)
-            check_group({**self.defaults, **{k: v for k, v in saved.items() if k in self.defaults}, "capturable": False})
-            params_by_id.update(zip(saved["params"], group["params"]))
-        for key, param_state in state_dict["state"].items():
-            param = params_by_id.get(key)
-            if param is None:
-                raise ValueError(f"Invalid state_dict: state for param id {key!r}, which no param group lists")
-            unknown = set(param_state) - set(_STATE_KEYS)
-            if unknown:
-                raise ValueError(f"Invalid state_dict: state keys {sorted(unknown)} are not LARS state "
-                                 f"(expected {list(_STATE_KEYS)}); is it from a different optimizer?")
-            for name, value in param_state.items():
-                if not isinstance(value, Tensor):
-                    raise ValueError(f"Invalid state_dict: {name} of param id {key!r} is a {type(value).__name__}, "
-                                     "expected a tensor")
-                if value.shape != param.shape:
-                    raise ValueError(f"Invalid state_dict: {name} of param id {key!r} has shape "
-                                     f"{tuple(value.shape)}, the param has shape {tuple(param.shape)}")
         captured = getattr(self, "_graph_captured", False)
         if captured:
             self._check_captured_hyperparameters(saved_groups)
@@ -409,7 +419,24 @@ class LARS(Optimizer):
         # How this optimizer stores and computes (masters, implementation) is its own choice, not
         # a training hyper-parameter: keep it rather than taking the saved one.
         own = [{key: group[key] for key in _OWN_SETTINGS} for group in self.param_groups]
-        super().load_state_dict(state_dict)
+        before = self.state, self.param_groups
+        try:
+            self._load_checked(state_dict, params_by_id, own, own_lrs, captured_state)
+        except Exception as error:  # anything the checks above did not foresee: nothing changes
+            self.state, self.param_groups = before
+            raise ValueError(f"Invalid state_dict: {type(error).__name__}: {error}") from error
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_checked(self, state_dict: dict[str, Any], params_by_id: dict[Any, Tensor], own: list[dict[str, Any]],
+                      own_lrs: list[Tensor | None], captured_state: dict[Tensor, dict[str, Tensor]]) -> None:
+        """The load of a checked state (the pre-hooks have run; the post-hooks run after it)."""
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         declared = group_defaults()
         for group, settings, lr in zip(self.param_groups, own, own_lrs):
             group.update(settings)
@@ -427,6 +454,74 @@ class LARS(Optimizer):
         for param, previous in captured_state.items():
             for name, old in previous.items():
                 self.state[param][name] = old.copy_(self.state[param][name])
+
+    def _checked_state_dict(self, state_dict: Any) -> dict[Any, Tensor]:
+        """Raise ``ValueError`` for a state that does not fit this optimizer; return its param ids'
+        params."""
+        def invalid(reason: str) -> ValueError:
+            return ValueError(f"Invalid state_dict: {reason}")
+
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise invalid("expected a dict with 'state' and 'param_groups' (as returned by LARS.state_dict()), got "
+                          f"{type(state_dict).__name__}" + (f" with keys {sorted(map(str, state_dict))}"
+                                                             if isinstance(state_dict, Mapping) else ""))
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if not isinstance(saved_state, Mapping):
+            raise invalid(f"'state' is a {type(saved_state).__name__}, expected a dict from param ids to their state")
+        if not isinstance(saved_groups, (list, tuple)):
+            raise invalid(f"'param_groups' is a {type(saved_groups).__name__}, expected a list of dicts")
+        if len(saved_groups) != len(self.param_groups):
+            raise invalid(f"it has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
+        params_by_id: dict[Any, Tensor] = {}
+        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                raise invalid(f"param group {number} is not a dict with a list 'params' (got "
+                              f"{type(saved).__name__}{' without params' if isinstance(saved, Mapping) else ''})")
+            if len(saved["params"]) != len(group["params"]):
+                raise invalid(f"param group {number} has {len(saved['params'])} params there and "
+                              f"{len(group['params'])} here")
+            # (torch's __setstate__, run by every load, adds "differentiable" to the defaults)
+            # (options added after the first release take their default when a saved group lacks them)
+            missing = sorted(group_keys_saved_since_first_release() - set(saved))
+            if missing:
+                raise invalid(f"param group {number} lacks the LARS settings {missing}; is it from a different "
+                              "optimizer?")
+            # (the saved values alone: this optimizer's own settings replace the saved ones below)
+            try:
+                check_group({**self.defaults, **{k: v for k, v in saved.items() if k in self.defaults},
+                             "capturable": False})
+            except (TypeError, ValueError) as error:
+                raise invalid(f"param group {number}: {error}") from None
+            for key, param in zip(saved["params"], group["params"]):
+                try:
+                    taken = key in params_by_id
+                except TypeError:
+                    raise invalid(f"param group {number} lists the param id {key!r}, which is not hashable") from None
+                if taken:
+                    raise invalid(f"param id {key!r} is listed twice")
+                params_by_id[key] = param
+        for key, param_state in saved_state.items():
+            param = params_by_id.get(key)
+            if param is None:
+                raise invalid(f"state for param id {key!r}, which no param group lists")
+            if not isinstance(param_state, Mapping):
+                raise invalid(f"the state of param id {key!r} is a {type(param_state).__name__}, expected a dict")
+            unknown = set(param_state) - set(_STATE_KEYS)
+            if unknown:
+                raise invalid(f"state keys {sorted(map(str, unknown))} are not LARS state (expected "
+                              f"{list(_STATE_KEYS)}); is it from a different optimizer?")
+            for name, value in param_state.items():
+                if not isinstance(value, Tensor):
+                    raise invalid(f"{name} of param id {key!r} is a {type(value).__name__}, expected a tensor")
+                if value.is_meta:
+                    raise invalid(f"{name} of param id {key!r} is on the meta device and holds no values")
+                if value.layout != torch.strided or not value.is_floating_point():
+                    raise invalid(f"{name} of param id {key!r} is a {value.layout} {value.dtype} tensor, expected a "
+                                  "dense floating-point one")
+                if value.shape != param.shape:
+                    raise invalid(f"{name} of param id {key!r} has shape {tuple(value.shape)}, the param has shape "
+                                  f"{tuple(param.shape)}")
+        return params_by_id
 
     def _check_captured_hyperparameters(self, saved_groups: list[dict[str, Any]]) -> None:
         """A captured graph keeps the hyper-parameters (but lr) it was captured with."""
