@@ -464,3 +464,11 @@ def test_presets_accept_and_refuse_what_their_peers_do():
         presets.timm([{"params": [a], "eta": 3.0}])
     optimizer = presets.optax([a], 0.1, weight_decay=0.1, weight_decay_mask=None, trust_ratio_mask=None)
     assert all(group["lars"] and group["weight_decay"] == 0.1 for group in optimizer.param_groups)
+
+
+def test_settings_of_how_a_step_runs_are_welcome_in_a_peers_group():
+    a = torch.zeros(3, requires_grad=True)
+    optimizer = presets.timm([{"params": [a], "telemetry": True, "impl": "reference"}], weight_decay=0.1)
+    a.grad = torch.ones(3)
+    optimizer.step()
+    assert list(optimizer.telemetry()) == ["group0.0"]

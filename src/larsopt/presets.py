@@ -23,12 +23,13 @@ from typing import Any
 
 from torch import Tensor
 
-from larsopt.options import group_defaults
+from larsopt.options import OPTIMIZER_SETTINGS, group_defaults
 from larsopt.optim import LARS
 
-#: Every param-group key of larsopt.LARS: a peer's group carrying one that is not the peer's own
-#: would change what larsopt computes while the peer ignores it.
-LARS_SETTINGS = frozenset(group_defaults())
+#: The param-group keys of larsopt.LARS that change what it computes: a peer's group carrying one that is
+#: not the peer's own would change the numbers while the peer ignores it. (The settings of how a step is
+#: stored and run, impl, multi_precision, capturable and telemetry, are welcome in any group.)
+LARS_SETTINGS = frozenset(group_defaults()) - frozenset(OPTIMIZER_SETTINGS)
 
 __all__ = ["bolts", "larc", "mlperf", "mxnet", "optax", "pytorch_optimizer", "ssl", "timm"]
 
