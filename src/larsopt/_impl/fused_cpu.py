@@ -237,10 +237,14 @@ def _same_layout(param: Tensor, other: Tensor) -> bool:
 
 #: What the kernel computes exactly like the reference (other values go to the next path).
 #: norm_source and lazy_update only matter for tensors it does not cover (masters, sparse grads).
-SUPPORTED = {name: ANY for name in (
-    "lr", "momentum", "eta", "epsilon", "weight_decay", "adapt", "nesterov", "momentum_form", "trust_norm", "trust_clip",
-    "rescale_grad", "clip_gradient", "maximize", "norm_source", "lazy_update", "stochastic_rounding",
-)} | {"math_dtype": (None,)}
+SUPPORTED = {
+    **{name: ANY for name in ("lr", "momentum", "eta", "epsilon", "weight_decay", "adapt", "nesterov", "trust_clip",
+                              "rescale_grad", "clip_gradient", "maximize", "norm_source", "lazy_update",
+                              "stochastic_rounding")},
+    "momentum_form": tuple(_FORMS),  # the kernel's switch values
+    "trust_norm": ("sum", "update"),
+    "math_dtype": (None,),
+}
 
 
 def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | None, options: LarsOptions) -> bool:
