@@ -144,6 +144,13 @@ def checkpoint_interval_parts(text: str) -> tuple[int | None, float | None]:
 _MODEL_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
+def folder_path(text: str) -> str:
+    """A folder path (not empty)."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    return str(text)
+
+
 def model_spec(text: str) -> str:
     """A built-in model name or ``module:callable``."""
     if text in BUILTIN_MODELS or _MODEL_REFERENCE.match(text):
@@ -156,21 +163,22 @@ def option(default: Any, help: str, *, parse: Callable[[str], Any] | None = None
            choices: tuple[str, ...] | None = None, group: str,
            commands: tuple[str, ...] = ("train", "compare"), changes_numbers: bool = True,
            default_text: str | None = None, flag: str | None = None, constant: Any = None,
-           compare_default: Any = None, absent: Any = dataclasses.MISSING) -> Any:
+           compare_default: Any = None, absent: Any = dataclasses.MISSING, metavar: str | None = None) -> Any:
     """A :class:`RunConfig` field and how the command line offers it.
 
     ``parse`` turns the typed text into the value (and validates it, also for saved settings),
     ``choices`` lists the allowed words of a word-valued option;
     ``changes_numbers=False`` marks a setting that ``--resume`` may change; ``flag`` with
     ``constant`` makes a switch (``--no-augment``) that stores ``constant``; ``absent`` is the
-    value a checkpoint saved before the field existed ran with, when that is not the default.
+    value a checkpoint saved before the field existed ran with, when that is not the default;
+    ``metavar`` names the value in ``--help`` (default: the field's name in capitals).
     """
     if choices is not None:
         parse = choice(*choices)
     return field(default=default, metadata={
         "help": help, "parse": parse, "choices": choices, "group": group, "commands": commands, "changes_numbers": changes_numbers,
         "default_text": default_text, "flag": flag, "constant": constant, "compare_default": compare_default,
-        "absent": absent})
+        "absent": absent, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -228,6 +236,11 @@ class RunConfig:
                                    "is also saved at the end, on Ctrl-C and on SIGTERM",
                                    parse=checkpoint_interval, group="execution", commands=("train",),
                                    changes_numbers=False)
+    tensorboard: str | None = option(
+        None, "also write TensorBoard event files into DIR: per epoch the loss, accuracy and lr, and for LARS "
+        "optimizers each layer's telemetry over the epoch (trust ratio, step size, fallback and clip counts) "
+        "and a histogram of the ratios (needs pip install \"larsopt[tensorboard]\")", parse=folder_path,
+        group="execution", commands=("train",), changes_numbers=False, default_text="", metavar="DIR")
 
     @property
     def peak_lr(self) -> float:
@@ -245,7 +258,7 @@ class RunConfig:
     def resolved(self, *, device: str, threads: int) -> RunConfig:
         """Derived defaults filled in: ``lr`` from the optimizer, the warm-up from the run length,
         the exclusion from the model,
-        augmentation from the data, the data path made absolute, ``device`` (``auto`` resolved by
+        augmentation from the data, the data path and the TensorBoard folder made absolute, ``device`` (``auto`` resolved by
         the caller) and ``threads`` (torch's choice when not given)."""
         kind, _, argument = self.data.partition(":")
         data = f"{kind}:{os.path.abspath(Path(argument).expanduser())}" if kind in PATH_DATA_KINDS and argument \
@@ -254,8 +267,9 @@ class RunConfig:
         if warmup is None:
             warmup = min(DEFAULT_WARMUP_EPOCHS, DEFAULT_WARMUP_FRACTION * self.epochs)
         exclude = MODEL_EXCLUDE.get(self.model, DEFAULT_EXCLUDE) if self.exclude is None else self.exclude
+        tensorboard = None if self.tensorboard is None else os.path.abspath(Path(self.tensorboard).expanduser())
         return dataclasses.replace(
-            self, data=data, device=device, threads=threads, warmup_epochs=warmup, exclude=exclude,
+            self, data=data, tensorboard=tensorboard, device=device, threads=threads, warmup_epochs=warmup, exclude=exclude,
             lr=DEFAULT_LR[self.optimizer] if self.lr is None else self.lr,
             augment=kind in AUGMENTED_DATA_KINDS if self.augment is None else self.augment)
 

@@ -112,7 +112,7 @@ def _add_config_options(parser: argparse.ArgumentParser, command: str,
                                help=_help(spec, command))
         else:
             group.add_argument(flag_of(spec), dest=spec.name, type=metadata["parse"], default=None,
-                               metavar=spec.name.upper(), help=_help(spec, command))
+                               metavar=metadata["metavar"] or spec.name.upper(), help=_help(spec, command))
 
 
 def _add_command(commands: Any, name: str, epilog: str, **kwargs: Any) -> argparse.ArgumentParser:

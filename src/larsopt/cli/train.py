@@ -99,6 +99,7 @@ def summary(config: RunConfig, dataset: data.Dataset, trainer: Trainer, result: 
         "device": config.device,
         "threads": config.threads,
         "processes": {"parallel": trainer.processes.parallel, "world_size": trainer.processes.world_size},
+        "telemetry": trainer.telemetry_summary(),
         "versions": versions(),
     }
 
@@ -135,11 +136,18 @@ def _train(out: outputs.OutputFolder | None, args: argparse.Namespace, config: R
     if out is not None:
         # A resumed run drops any rows logged after its checkpoint: they will be recomputed.
         outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
+    board = None
+    if out is not None and config.tensorboard is not None:
+        from larsopt.cli.tensorboard_log import TensorBoardLog
+
+        board = TensorBoardLog(config.tensorboard, trainer.optimizer, trainer.reports_trust, trainer.global_step)
     progress = Progress(trainer.total_steps, trainer.global_step, config.epochs, args.quiet or out is None)
 
     def on_epoch(row: dict[str, Any]) -> None:
         if out is not None:
             outputs.write_jsonl(out.path(outputs.METRICS), trainer.metrics)
+        if board is not None:
+            board.epoch(row)
         progress.epoch(row)
 
     stop = StopRequest()
@@ -149,6 +157,8 @@ def _train(out: outputs.OutputFolder | None, args: argparse.Namespace, config: R
                                  on_checkpoint=lambda: _save_checkpoint(out, processes, trainer))
     finally:
         progress.close()
+        if board is not None:
+            board.close()
     result = trainer.result(status)
     if status == STOPPED:
         code = stop.exit_code
@@ -272,6 +282,10 @@ def _command(args: argparse.Namespace, processes: Processes) -> int:
         _check_processes(config, processes)
         torch.set_num_threads(config.threads)
         plots.require_matplotlib()
+        if config.tensorboard is not None and processes.is_main:
+            from larsopt.cli import tensorboard_log
+
+            tensorboard_log.require(config.tensorboard)
         dataset = data.load(config.data, config.image_size)
     except UsageError as caught:
         error = caught

@@ -29,7 +29,7 @@ from larsopt.cli.data import Dataset
 from larsopt.cli.distributed import Processes
 from larsopt.cli.errors import UsageError
 from larsopt.cli.optimizers import TRUST_EPSILON
-from larsopt.telemetry import COLUMNS, Telemetry
+from larsopt.telemetry import COLUMNS, Accumulator, Telemetry
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _EVAL_BATCH = 1024
@@ -39,6 +39,11 @@ _CHECKPOINT_FORMAT = 1
 _AUGMENT_SEED_BITS = 0x9E3779B97F4A7C15
 assert _AUGMENT_SEED_BITS < SEED_LIMIT
 COMPLETED, STOPPED, DIVERGED = "completed", "stopped", "diverged"
+# The per-param counts of a LARS run kept for summary.json, columns of larsopt.telemetry's
+# accumulator: steps counted (AMP did not skip them), steps AMP skipped, steps that took the
+# trust-ratio fallback (lam = 1) and why, steps whose ratio the LARC clip capped.
+TELEMETRY_COUNTS = ("steps", "skipped", "fallback", "fallback_zero_w", "fallback_zero_g", "fallback_not_finite",
+                    "clipped")
 
 
 @dataclass
@@ -275,6 +280,11 @@ class Trainer:
         self.trust_history: list[list[float]] = []
         self.elapsed_s = 0.0
         self.diverged = False
+        # LARS runs: every step folded in on the device, read back into the run's counts (plain
+        # ints, saved in the checkpoint) at each epoch's end and checkpoint.
+        self.counts = Accumulator(self.optimizer) if self.reports_trust else None
+        self.telemetry_counts: dict[str, dict[str, Any]] = {}
+        self.counted_from_step = 0
 
     @property
     def reports_trust(self) -> bool:
@@ -399,10 +409,35 @@ class Trainer:
         self.trust_history.append([total / totals.trust_steps if totals.trust_steps else math.nan
                                    for total in totals.trust_sum])
         self.diverged = not (math.isfinite(row["train_loss"]) and math.isfinite(test_loss))
+        self.fold_counts()
         self.epoch += 1
         self.batch = 0
         self.order = None
         return row
+
+    def fold_counts(self) -> None:
+        """Add the steps the accumulator holds to :attr:`telemetry_counts` (one read-back) and
+        start it over."""
+        if self.counts is None:
+            return
+        read = self.counts.read()
+        if not read.names:
+            return
+        columns = [read.columns.index(column) for column in TELEMETRY_COUNTS]
+        for name, adapted, row in zip(read.names, read.adapted, read.values[:, columns].tolist()):
+            kept = self.telemetry_counts.setdefault(name, {"adapted": adapted, **dict.fromkeys(TELEMETRY_COUNTS, 0)})
+            kept["adapted"] = adapted
+            for column, value in zip(TELEMETRY_COUNTS, row):
+                kept[column] += round(value)
+
+    def telemetry_summary(self) -> dict[str, Any] | None:
+        """The per-param counts of every step since :attr:`counted_from_step` (0 but for a run
+        resumed from a checkpoint saved before they were kept), for summary.json; ``None`` for SGD."""
+        if self.counts is None:
+            return None
+        self.fold_counts()
+        return {"counted_from_step": self.counted_from_step,
+                "params": {name: dict(counts) for name, counts in self.telemetry_counts.items()}}
 
     def run(self, stop: StopRequest, on_step: Callable[[float, float, int], None],
             on_epoch: Callable[[dict[str, Any]], None], on_checkpoint: Callable[[], None] | None) -> str:
@@ -460,6 +495,7 @@ class Trainer:
         states). Under FSDP the model and optimizer are not in it: they are saved sharded
         (:meth:`Processes.save_sharded`)."""
         random_states = self.processes.gather(self._random_state())
+        self.fold_counts()
         state: dict[str, Any] = {
             "format": _CHECKPOINT_FORMAT,
             "config": asdict(self.config),
@@ -477,6 +513,8 @@ class Trainer:
             "trust_history": self.trust_history,
             "elapsed_s": self.elapsed_s,
             "diverged": self.diverged,
+            "telemetry_counts": self.telemetry_counts,
+            "counted_from_step": self.counted_from_step,
         }
         if not self.processes.sharded:
             state["model"] = self.model.state_dict()
@@ -517,6 +555,11 @@ class Trainer:
             self.trust_history = [list(row) for row in state["trust_history"]]
             self.elapsed_s = float(state["elapsed_s"])
             self.diverged = bool(state.get("diverged", False))
+            if "telemetry_counts" in state:
+                self.telemetry_counts = {name: dict(counts) for name, counts in state["telemetry_counts"].items()}
+                self.counted_from_step = int(state["counted_from_step"])
+            else:  # (saved before the counts were kept: they start here)
+                self.telemetry_counts, self.counted_from_step = {}, self.global_step
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise UsageError(f"--resume: the checkpoint does not fit this run ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
