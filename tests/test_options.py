@@ -349,3 +349,28 @@ def test_stats_of_the_wrong_shape_are_refused_before_any_update():
     with pytest.raises(ValueError, match="stats"):
         F.lars(params, [torch.ones(3), torch.ones(2)], [None, None], lr=0.1, stats=torch.zeros(2, 3, dtype=torch.int64))
     assert all(torch.equal(p, torch.ones_like(p)) for p in params)
+
+
+def test_numpy_scalars_are_numbers_and_wrong_types_are_type_errors():
+    """Issue 15 item 11: real numbers of any kind are accepted (and stored as Python numbers, as torch's
+    optimizers keep them); a wrong type raises TypeError, a bad value ValueError, on both front-ends."""
+    np = pytest.importorskip("numpy")
+    param = torch.zeros(3, requires_grad=True)
+    optimizer = larsopt.LARS([param], lr=np.float32(0.5), momentum=np.float64(0.9), weight_decay=np.int64(0),
+                             eta=np.float32(0.01))
+    group = optimizer.param_groups[0]
+    assert all(type(group[key]) in (int, float) for key in ("lr", "momentum", "weight_decay", "eta"))
+    optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": np.float32(0.25)})
+    assert type(optimizer.param_groups[1]["lr"]) is float
+    param.grad = torch.ones(3)
+    optimizer.step()
+    F.lars([torch.zeros(3)], [torch.ones(3)], [None], lr=np.float32(0.1), momentum=np.float64(0.5))
+    for name, bad in (("lr", "0.1"), ("momentum", None), ("nesterov", "yes"), ("clip_gradient", "1")):
+        with pytest.raises(TypeError, match=name):
+            larsopt.LARS([param], **{name: bad})
+        with pytest.raises(TypeError, match=name):
+            F.lars([torch.zeros(3)], [torch.ones(3)], [None], **{"lr": 0.1, name: bad})
+    for name, bad in (("lr", -1.0), ("momentum", 1.0), ("clip_gradient", -1.0)):
+        with pytest.raises(ValueError, match=name) as raised:
+            larsopt.LARS([param], **{name: bad})
+        assert not isinstance(raised.value, TypeError)

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from larsopt import functional as F
 from larsopt._impl import sharded
 from larsopt.telemetry import Telemetry, recorder_of
-from larsopt.options import OPTIMIZER_SETTINGS, LarsOptions, check_group, group_defaults, \
+from larsopt.options import OPTIMIZER_SETTINGS, LarsOptions, check_group, group_defaults, plain_numbers, \
     group_keys_saved_since_first_release
 
 _STATE_KEYS = ("momentum_buffer", "master_param")
@@ -153,14 +153,14 @@ class LARS(Optimizer):
         fallback_on: str = "zero_norm",
         momentum_correction: bool = False,
     ) -> None:
-        defaults = group_defaults(
+        defaults = plain_numbers(group_defaults(
             lr=lr, momentum=momentum, eta=eta, epsilon=epsilon, weight_decay=weight_decay, nesterov=nesterov,
             momentum_form=momentum_form, trust_norm=trust_norm, trust_clip=trust_clip, rescale_grad=rescale_grad,
             clip_gradient=clip_gradient, maximize=maximize, impl=impl, multi_precision=multi_precision,
             norm_source=norm_source, lazy_update=lazy_update, stochastic_rounding=stochastic_rounding,
             capturable=capturable, telemetry=telemetry, dampening=dampening, buffer_start=buffer_start,
             adapt_when=adapt_when, fallback=fallback, fallback_on=fallback_on, momentum_correction=momentum_correction,
-        )
+        ))
         check_group(defaults)
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, "
@@ -179,16 +179,17 @@ class LARS(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("generator", None)  # pickled before the generator was kept
-        for key, setting in OPTIMIZER_SETTINGS.items():  # pickled before the setting existed
-            self.defaults.setdefault(key, setting.default)
+        for key, default in group_defaults().items():  # pickled before the option or setting existed
+            self.defaults.setdefault(key, default)
             for group in self.param_groups:
-                group.setdefault(key, setting.default)
+                group.setdefault(key, default)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer.add_param_group``). Keys other than the LARS
         settings are kept as they are, as torch keeps them (the layer id or lr scale of layer-wise lr
         decay, ``initial_lr`` of a resumed scheduler); one a single edit away from a setting warns,
         as it is probably a typo."""
+        param_group.update(plain_numbers({key: value for key, value in param_group.items() if key in self.defaults}))
         check_group({**self.defaults, **param_group})
         known = {*self.defaults, "params", "param_names", "previous_lr"}
         for key in param_group:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from numpy import bool_ as np_bool
 from torch import Tensor
 
 MOMENTUM_FORMS = ("paper", "torch")
@@ -31,8 +33,26 @@ NORM_SOURCES = ("master", "param")
 IMPLS = ("auto", "reference", "foreach", "fused")
 
 
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong type. A ``TypeError``, as Python raises for one; also a ``ValueError``,
+    which every bad option raised before types and values were told apart."""
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number: Python's, NumPy's (``np.float32(0.1)``, ``np.int64(1)``) or any ``numbers.Real``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool))
+
+
+def _number_or_type_error(name: str, value: Any, expected: str) -> None:
+    if not _is_number(value):
+        raise OptionTypeError(f"Invalid {name}: {value!r} is a {type(value).__name__}; expected {expected}")
+
+
+def plain_numbers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with NumPy (and other ``numbers.Real``) scalars turned into Python floats and ints, as
+    torch's own optimizers store them, so that no NumPy scalar meets a tensor in a step."""
+    return {key: (int(value) if isinstance(value, numbers.Integral) else float(value))
+            if _is_number(value) and type(value) not in (int, float) else value for key, value in values.items()}
 
 
 def _nonnegative(name: str, value: Any) -> None:
@@ -46,7 +66,8 @@ def _nonnegative(name: str, value: Any) -> None:
             if not (number >= 0 and math.isfinite(number)):
                 raise ValueError(f"Invalid {name}: {number!r}; expected a finite number >= 0")
         return
-    if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
+    _number_or_type_error(name, value, "a finite number >= 0")
+    if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"Invalid {name}: {value!r}; expected a finite number >= 0")
 
 
@@ -55,33 +76,39 @@ def _is_zero(value: float | Tensor) -> bool:
 
 
 def _momentum(name: str, value: Any) -> None:
-    if not _is_number(value) or not 0.0 <= value < 1.0:
+    _number_or_type_error(name, value, "a number in [0, 1)")
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {name}: {value!r}; expected a number in [0, 1)")
 
 
 def _dampening(name: str, value: Any) -> None:
-    if not _is_number(value) or not 0.0 <= value <= 1.0:
+    _number_or_type_error(name, value, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"Invalid {name}: {value!r}; expected a number in [0, 1]")
 
 
 def _finite(name: str, value: Any) -> None:
-    if not _is_number(value) or not math.isfinite(value):
+    _number_or_type_error(name, value, "a finite number")
+    if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value!r}; expected a finite number")
 
 
 def _clip(name: str, value: Any) -> None:
-    if value is not None and (not _is_number(value) or not value >= 0):
+    if value is None:
+        return
+    _number_or_type_error(name, value, "None (no clipping) or a number >= 0")
+    if not value >= 0:
         raise ValueError(f"Invalid {name}: {value!r}; expected None (no clipping) or a number >= 0")
 
 
 def _boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r}; expected True or False")
+        raise OptionTypeError(f"Invalid {name}: {value!r}; expected True or False")
 
 
 def _dtype_or_none(name: str, value: Any) -> None:
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise ValueError(f"Invalid {name}: {value!r}; expected None or a floating torch.dtype")
+        raise OptionTypeError(f"Invalid {name}: {value!r}; expected None or a floating torch.dtype")
 
 
 def _one_of(allowed: tuple[str, ...]) -> Callable[[str, Any], None]:
