@@ -236,6 +236,7 @@ def forked_threads():
 small = [torch.nn.Parameter(torch.randn(100))]
 small[0].grad = torch.randn(100)
 larsopt.LARS(small, lr=0.1).step()
+larsopt.LARS(small, lr=0.1, impl="reference").step()  # (its norms come from the kernel too)
 print(forked_threads())
 big = [torch.nn.Parameter(torch.randn(1 << 20))]
 big[0].grad = torch.randn(1 << 20)

@@ -430,7 +430,11 @@ template <typename T>
 void sums_of_tensors(int64_t count, const void* const* tensors, const int64_t* numels, int threads,
                      double* sums_out) {
   std::vector<int64_t> first_chunk(count + 1, 0);
-  for (int64_t t = 0; t < count; ++t) first_chunk[t + 1] = first_chunk[t] + (numels[t] + kNormChunk - 1) / kNormChunk;
+  int64_t total = 0;
+  for (int64_t t = 0; t < count; ++t) {
+    first_chunk[t + 1] = first_chunk[t] + (numels[t] + kNormChunk - 1) / kNormChunk;
+    total += numels[t];
+  }
   const int64_t chunks = first_chunk[count];
   std::vector<double> chunk_sums(chunks, 0.0);
   std::vector<int64_t> owner(chunks);
@@ -438,7 +442,7 @@ void sums_of_tensors(int64_t count, const void* const* tensors, const int64_t* n
     for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) owner[c] = t;
   }
   Runs runs(chunks, 1);
-  run_threads(threads_for(chunks * kNormChunk, threads), [&](int, int) {
+  run_threads(threads_for(total, threads), [&](int, int) {
     for (int64_t c = runs.next(); c >= 0; c = runs.next()) {
       const int64_t t = owner[c], begin = (c - first_chunk[t]) * kNormChunk;
       const int64_t end = begin + kNormChunk < numels[t] ? begin + kNormChunk : numels[t];
