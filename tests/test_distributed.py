@@ -21,11 +21,11 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import larsopt
 from distributed_utils import run_processes
+from host_sync import ConversionCounter
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -666,23 +666,6 @@ def _count_collectives() -> Iterator[dict[str, int]]:
     counts["gloo events"] = sum(event.name.startswith("gloo:") for event in profiler.events())
 
 
-class _ConversionCounter(TorchFunctionMode):
-    """Counts tensor -> Python conversions: each one is a host synchronisation on an accelerator
-    (the counter of test_impl's single-process check)."""
-
-    CONVERSIONS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-                   torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.CONVERSIONS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _fsdp_model_of_size(mesh: Any, size: int) -> tuple[list[tuple[str, torch.Tensor]], Callable[[], None]]:
     """An FSDP2 model of 4 * ``size`` tensors, and a function that gives them gradients."""
     from torch.distributed.fsdp import fully_shard
@@ -734,12 +717,12 @@ def _measure_one_step(mesh: Any, model: str, size: int, impl: str) -> dict[str, 
         optimizer.step()
     optimizer.zero_grad()
     backward()
-    with _ConversionCounter() as conversions:
+    with ConversionCounter() as conversions:
         optimizer.step()
     optimizer.zero_grad()
     backward()
     optimizer.grad_scale, optimizer.found_inf = torch.tensor(8.0), torch.tensor(0.0)
-    with _ConversionCounter() as scaled_conversions:
+    with ConversionCounter() as scaled_conversions:
         optimizer.step()
     return dict(tensors=len(named_params), collectives=collectives, conversions=conversions.count,
                 scaled_conversions=scaled_conversions.count)

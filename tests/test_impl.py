@@ -15,11 +15,11 @@ import time
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import larsopt
 from larsopt import functional as F
 from larsopt._impl import fused_cpu
+from host_sync import ConversionCounter
 from option_registry import sweep_names_and_values
 
 FAST_IMPLS = ("foreach", "fused")
@@ -270,22 +270,6 @@ def test_auto_is_fused():
     assert set(F.IMPLS) == {"auto", "reference", "foreach", "fused"}
 
 
-class _ConversionCounter(TorchFunctionMode):
-    """Counts tensor -> Python conversions: each one is a host synchronisation on an accelerator."""
-
-    CONVERSIONS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-                   torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.CONVERSIONS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("impl", ("auto",) + FAST_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("multi_precision", [False, True])
@@ -301,7 +285,7 @@ def test_steady_state_step_has_no_host_sync(impl, dtype, multi_precision):
         if step == 2:
             for name, value in scaler_state.items():
                 setattr(optimizer, name, value)
-            with _ConversionCounter() as counter:
+            with ConversionCounter() as counter:
                 optimizer.step()
             assert counter.count == 0
         else:

@@ -13,7 +13,6 @@ import random
 import pytest
 import torch
 
-import larsopt
 from larsopt import presets
 from peer_sources import bolts_lars, pytorch_optimizer_lars, timm_lars
 

@@ -18,10 +18,10 @@ import warnings
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import larsopt
 from larsopt import telemetry as T
+from host_sync import ConversionCounter
 
 IMPLS = ("reference", "foreach", "fused")
 ETA, EPSILON, RESCALE = 0.02, 1e-8, 0.5
@@ -32,22 +32,6 @@ UNADAPTED = [(4,), (3, 2)]  # a lars=False group
 CONFIGS = [dict(zip(("trust_norm", "fallback_on", "trust_clip", "fallback", "weight_decay"), values))
            for values in itertools.product(("sum", "update"), ("zero_norm", "zero_denominator"), (False, True),
                                            ("ratio_one", "plain_step"), (0.0, 0.01))]
-
-
-class _ConversionCounter(TorchFunctionMode):
-    """Counts tensor -> Python conversions: each one is a host synchronisation on an accelerator."""
-
-    CONVERSIONS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-                   torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.CONVERSIONS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _params(seed: int = 0, infinite_grad: bool = False):
@@ -250,7 +234,7 @@ def test_step_with_telemetry_has_no_host_sync(impl):
         lr.fill_(0.1 / (step + 1))
         if step >= 1:
             opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
-            with _ConversionCounter() as counter:
+            with ConversionCounter() as counter:
                 opt.step()
                 last, window = opt.telemetry(), accumulator.read()
             assert counter.count == 0

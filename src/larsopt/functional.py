@@ -52,7 +52,7 @@ sharded step combine the sums of all tensors across processes with one collectiv
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableSequence, Sequence
+from collections.abc import MutableSequence, Sequence
 from typing import Any
 
 import torch

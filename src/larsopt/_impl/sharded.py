@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 import weakref
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
