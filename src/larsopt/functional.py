@@ -21,12 +21,16 @@ For each tensor ``w`` with gradient ``g`` (``rescale_grad`` = r, ``clip_gradient
         b = mu * b + lam * g';        w = w - lr * b       nesterov: w = w - lr * (lam * g' + mu * b)
     momentum == 0 (both forms):       w = w - lr * lam * g'
 
-Norms accumulate in float32 at least. The two momentum forms are equal while lr is constant and
+Sums of squares accumulate in float64 on every path (finite tensors get finite norms, and tens of
+millions of values are summed to 1e-9). The two momentum forms are equal while lr is constant and
 differ as soon as it changes (warm-up, decay): "paper" keeps past steps at the lr they were taken
 with, "torch" rescales the whole buffer by the current lr.
 
 Momentum buffers are passed in; they are updated in place, like the params (a ``None`` entry is
-a first step: see :func:`lars`). Gradients are never modified.
+a first step: see :func:`lars`). Gradients are never modified. Every impl behaves like the reference
+toward autograd and function transforms: in grad mode, tensors that require grad, and tensors under a
+``torch.func`` transform (``vmap``, ``grad``), take the reference's torch ops (so a leaf raises
+torch's in-place error, a non-leaf update is recorded, ``vmap`` works).
 
 Options come as one :class:`larsopt.options.LarsOptions` (declared once there: default, allowed
 values, check, doc). Implementations (``impl=``, all sync-free and giving the reference's numbers)
