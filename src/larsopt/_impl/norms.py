@@ -15,8 +15,8 @@ exceeds float64's range, entries around 1e154, stays inf.)
 * CPU: the fused kernel's ``larsopt_sums_of_squares`` (float blocks of 1024 added in double, a
   block widened to double where it overflows or underflows): one pass, no copy, about the speed
   of torch's float32 norm.
-* CUDA and other devices: ``torch._foreach_norm(..., dtype=float64)``, whose multi-tensor kernel
-  accumulates in float64 as it reads (no copy), sync-free and capturable. Devices without
+* CUDA and other devices: ``torch._foreach_norm(..., dtype=float64)``, sync-free and capturable
+  (whether its CUDA kernel accumulates in float64 without a copy has not been measured on a GPU). Devices without
   float64 (MPS) accumulate in float32.
 * Under a ``torch.func`` transform (``vmap``, ``grad``): ``torch.linalg.vector_norm`` per tensor,
   which every transform supports.
