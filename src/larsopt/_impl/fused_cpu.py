@@ -49,7 +49,7 @@ from torch import Tensor
 
 from larsopt._impl.norms import SUMS_DTYPE, compute_dtype
 from larsopt._impl.reference import ratios_from_sums, stats_rows
-from larsopt._impl.support import has_plain_type, is_plain, transform_active
+from larsopt._impl.support import PLAIN_TYPES, is_plain, transform_active
 from larsopt.options import ANY, LarsOptions
 
 _SOURCE = Path(__file__).with_name("lars_cpu.cpp")
@@ -255,12 +255,14 @@ def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | Non
     depend on the order and the update is element-wise). It runs once per tensor per step, so the
     common case (all contiguous) is checked first and cheaply.
     """
-    if not (has_plain_type(param) and has_plain_type(grad) and (buf is None or has_plain_type(buf))):
+    # (the type tests inline, and dtypes compared by identity: this runs for every tensor of every step)
+    if type(param) not in PLAIN_TYPES or type(grad) not in PLAIN_TYPES or (
+            buf is not None and type(buf) not in PLAIN_TYPES):
         return False  # a tensor subclass (DTensor's data_ptr() is 0) is not memory the kernel can walk
     # (step() has handed on every tensor of a call made under a torch.func transform)
     dtype = param.dtype
-    if master is not None or not param.is_cpu or grad.is_sparse or dtype not in _DTYPE_CODES \
-            or grad.dtype != dtype or (options.stochastic_rounding and dtype == torch.bfloat16):
+    if master is not None or grad.dtype is not dtype or dtype not in _DTYPE_CODES or not param.is_cpu \
+            or grad.is_sparse or (dtype is torch.bfloat16 and options.stochastic_rounding):
         return False
     if param.is_contiguous() and grad.is_contiguous() and (buf is None or buf.is_contiguous()):
         return grad.shape == param.shape and (buf is None or (buf.dtype == dtype and buf.shape == param.shape

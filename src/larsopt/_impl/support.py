@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-_PLAIN_TYPES = (Tensor, Parameter)
+#: The tensor types whose storage the fast paths read and write directly.
+PLAIN_TYPES = (Tensor, Parameter)
 _transform_level = torch._C._functorch.maybe_current_level
 _is_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -18,14 +19,8 @@ def transform_active() -> bool:
     return _transform_level() is not None
 
 
-def has_plain_type(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is of type ``Tensor`` or ``Parameter``: :func:`is_plain` for a caller that
-    has seen :func:`transform_active` be False once for the whole call."""
-    return type(tensor) in _PLAIN_TYPES
-
-
 def is_plain(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a plain tensor or parameter, whose storage the fast paths read and write
     directly. Subclasses (DTensor, whose ``data_ptr()`` is 0, ...) are not, as torch's own fused
     optimizers decide, and neither are the wrappers of a running ``torch.func`` transform."""
-    return type(tensor) in _PLAIN_TYPES and (_transform_level() is None or not _is_wrapper(tensor))
+    return type(tensor) in PLAIN_TYPES and (_transform_level() is None or not _is_wrapper(tensor))
