@@ -19,21 +19,10 @@ import torch
 import larsopt
 import larsopt.functional as F
 from larsopt._impl import fused_cpu, norms
+from random_params import random_params, set_random_grads
 
 IMPLS = ("reference", "foreach", "fused")
 needs_kernel = pytest.mark.skipif(fused_cpu.load() is None, reason=f"no C++ kernel: {fused_cpu.unavailable_reason()}")
-
-
-def _params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(64, 32), (32,), (1 << 16,)]
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in shapes]
-
-
-def _set_grads(params, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for param in params:
-        param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
 
 
 # 2 and 14. the kernel cache -----------------------------------------------------------------
@@ -144,8 +133,8 @@ def test_an_unavailable_kernel_warns_once_with_the_reason(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fused_cpu.load() is None
-    params = _params()
-    _set_grads(params, 0)
+    params = random_params()
+    set_random_grads(params, 0)
     want = [p.detach().clone() for p in params]
     F.lars(want, [p.grad for p in params], [None] * 3, lr=0.1, momentum=0.9, impl="reference")
     with warnings.catch_warnings():
@@ -160,15 +149,15 @@ def test_an_unavailable_kernel_warns_once_with_the_reason(monkeypatch):
 def _stepped_model():
     """A model after one step on two threads (OpenMP's thread pool started), its next gradients
     and the weights the next step must give (computed here, before any fork)."""
-    params = _params() + [torch.nn.Parameter(torch.randn(1 << 20))]
+    params = random_params() + [torch.nn.Parameter(torch.randn(1 << 20))]
     optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
-    _set_grads(params, 0)
+    set_random_grads(params, 0)
     optimizer.step()
     twin = larsopt.LARS([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.1, momentum=0.9,
                         weight_decay=1e-4)
     twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # (a state_dict holds the live tensors)
-    _set_grads(params, 1)
-    _set_grads(twin.param_groups[0]["params"], 1)
+    set_random_grads(params, 1)
+    set_random_grads(twin.param_groups[0]["params"], 1)
     twin.step()
     return optimizer, [p.detach() for p in twin.param_groups[0]["params"]]
 

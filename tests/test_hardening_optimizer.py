@@ -12,18 +12,7 @@ import pytest
 import torch
 
 import larsopt
-
-
-def _params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(64, 32), (32,), (1 << 16,)]
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in shapes]
-
-
-def _set_grads(params, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for param in params:
-        param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
+from random_params import random_params, set_random_grads
 
 
 # 1. copies of the whole optimizer ------------------------------------------------------------
@@ -46,18 +35,18 @@ def _torch_save(optimizer):
 @pytest.mark.parametrize("make_copy", [_deepcopy, _pickle, _torch_save])
 @pytest.mark.parametrize("seeded", [True, False])
 def test_a_copy_steps_exactly_like_the_original(make_copy, seeded):
-    params = _params(dtype=torch.bfloat16)
+    params = random_params(dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(7) if seeded else None
     original = larsopt.LARS(params, lr=0.5, momentum=0.9, weight_decay=1e-4, stochastic_rounding=True,
                             generator=generator)
-    _set_grads(params, 1)
+    set_random_grads(params, 1)
     original.step()
     clone = make_copy(original)
     clone_params = clone.param_groups[0]["params"]
     assert all(a is not b for a, b in zip(params, clone_params))
     for step in range(2, 5):
-        _set_grads(params, step)
-        _set_grads(clone_params, step)
+        set_random_grads(params, step)
+        set_random_grads(clone_params, step)
         state = torch.random.get_rng_state()
         original.step()
         torch.random.set_rng_state(state)  # (unseeded: both draw from the same global state)
@@ -71,22 +60,22 @@ def test_a_copy_steps_exactly_like_the_original(make_copy, seeded):
 
 
 def test_an_optimizer_pickled_without_a_generator_loads_with_none():
-    optimizer = larsopt.LARS(_params(), lr=0.1)
+    optimizer = larsopt.LARS(random_params(), lr=0.1)
     state = optimizer.__getstate__()
     del state["generator"]
     restored = larsopt.LARS.__new__(larsopt.LARS)
     restored.__setstate__(state)
     assert restored.generator is None
-    _set_grads(restored.param_groups[0]["params"], 0)
+    set_random_grads(restored.param_groups[0]["params"], 0)
     restored.step()
 
 
 # 9, 10, 12, 13. LARS conventions ------------------------------------------------------------
 
 def test_a_load_pre_hook_migrates_a_checkpoint_before_it_is_checked():
-    params = _params()
+    params = random_params()
     sgd = torch.optim.SGD(params, lr=0.3, momentum=0.9)
-    _set_grads(params, 0)
+    set_random_grads(params, 0)
     sgd.step()
     optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="lacks the LARS settings"):
@@ -107,13 +96,13 @@ def test_a_load_pre_hook_migrates_a_checkpoint_before_it_is_checked():
 
 
 def test_extra_group_keys_are_kept_and_near_misses_warn():
-    params = _params()
+    params = random_params()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer = larsopt.LARS([{"params": params[:2], "name": "body", "layer_id": 3, "lr_scale": 0.5,
                                    "initial_lr": 0.2}, {"params": params[2:], "name": "head", "initial_lr": 0.1}], lr=0.1)
     assert optimizer.param_groups[0]["lr_scale"] == 0.5 and optimizer.param_groups[1]["name"] == "head"
-    _set_grads(params, 0)
+    set_random_grads(params, 0)
     optimizer.step()
     loaded = larsopt.LARS([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
     loaded.load_state_dict(optimizer.state_dict())
@@ -123,15 +112,15 @@ def test_extra_group_keys_are_kept_and_near_misses_warn():
     for typo, meant in (("momentun", "momentum"), ("weight_decy", "weight_decay"), ("Nesterov", "nesterov"),
                         ("ets", "eta")):
         with pytest.warns(UserWarning, match=f"{typo!r}.*{meant!r}"):
-            larsopt.LARS([{"params": _params(), typo: 0.5}])
+            larsopt.LARS([{"params": random_params(), typo: 0.5}])
 
 
 def test_a_failing_step_changes_nothing():
-    dense = _params()
+    dense = random_params()
     embedding = torch.nn.Parameter(torch.randn(10, 4, 3))
     optimizer = larsopt.LARS([{"params": dense, "multi_precision": True}, {"params": [embedding]}], lr=0.1,
                              momentum=0.9)
-    _set_grads(dense, 0)
+    set_random_grads(dense, 0)
     embedding.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2], [0, 1]]), torch.randn(2, 3), (10, 4, 3))
     before = [p.detach().clone() for p in dense]
     with pytest.raises(RuntimeError, match="sparse_dim=2.*group 1"):
@@ -163,9 +152,9 @@ def _malformed(state_dict):
 
 
 def test_malformed_state_dicts_raise_value_error_and_change_nothing():
-    params = _params()
+    params = random_params()
     optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9)
-    _set_grads(params, 0)
+    set_random_grads(params, 0)
     optimizer.step()
     saved = optimizer.state_dict()
     for case, state_dict in _malformed(copy.deepcopy(saved)).items():
