@@ -24,3 +24,12 @@ def single_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Put torch's thread count back after each test (``larsopt train --threads`` and the kernel
+    tests set it for the whole process)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

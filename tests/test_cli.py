@@ -33,14 +33,6 @@ QUICK = ["--data", "synthetic:200", "--batch-size", "32", "--epochs", "3", "--wa
          "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads() -> object:
-    """--threads sets torch's thread count for the whole process: put it back after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(out: Path, *options: str) -> int:
     return main(["train", *QUICK, "--out", str(out), *options])
 

@@ -33,13 +33,6 @@ pytest.importorskip("matplotlib")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads() -> object:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def error_line(capsys: pytest.CaptureFixture[str]) -> str:
     """The one error line on stderr (and nothing else there)."""
     lines = capsys.readouterr().err.splitlines()

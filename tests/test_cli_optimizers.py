@@ -30,13 +30,6 @@ TINY = ["--data", "synthetic:200", "--batch-size", "32", "--epochs", "2", "--war
         "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads() -> object:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def metrics(folder: Path) -> list[dict]:
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return [{key: value for key, value in row.items() if key not in TIME_KEYS} for row in rows]

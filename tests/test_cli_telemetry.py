@@ -25,13 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 COUNTED = ("--optimizer", "larc", "--lr", "0.01", "--model", "resnet", "--exclude", "none")
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads() -> object:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
