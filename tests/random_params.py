@@ -1,4 +1,4 @@
-"""Seeded params and gradients of a few shapes (one above the kernel's per-thread split size)."""
+"""Seeded params and gradients of a few small shapes."""
 
 from __future__ import annotations
 

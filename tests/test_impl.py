@@ -25,8 +25,9 @@ from option_registry import sweep_names_and_values
 FAST_IMPLS = ("foreach", "fused")
 # 1-D .. 4-D, a zero weight and a zero gradient (lam = 1 fallback).
 SHAPES = [(5,), (7, 6), (4, 3, 5), (6, 3, 3, 3), (9,), (3, 4)]
-# Large enough for the fused kernel's per-thread slices (above its 2**15-element threshold).
-LARGE_SHAPES = [(41_000,), (300, 200)]
+# Large enough for the fused kernel's threads (2**18 elements in all) and for one tensor split in
+# chunks between them (2**20 elements), ending in a partial chunk and a partial block.
+LARGE_SHAPES = [((1 << 20) + 70_001,), (300, 900), (41_000,)]
 ZERO_WEIGHT, ZERO_GRAD = 4, 5
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 LRS = (0.5, 0.3, 0.45)  # a tensor lr that changes every step
@@ -155,7 +156,7 @@ def test_master_copies_with_amp_and_mixed_dtypes(impl, norm_source, amp):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_tensors_match_reference(dtype):
-    """The fused kernel's multi-threaded slices (two threads at least) agree with the reference."""
+    """The fused kernel's split tensors and threads (two at least) agree with the reference."""
     weights, grads, buffers = _inputs(dtype, seed=5, shapes=LARGE_SHAPES)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))

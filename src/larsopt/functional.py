@@ -63,10 +63,11 @@ import torch
 from torch import Tensor
 
 from larsopt._impl import foreach, fused_cpu, reference, sharded
+from larsopt._impl.fused_cpu import CarriedWeightNorms
 from larsopt.options import IMPLS, MOMENTUM_FORMS, NORM_SOURCES, TRUST_NORMS, LarsOptions, unsupported
 
-__all__ = ["IMPLS", "MOMENTUM_FORMS", "NORM_SOURCES", "TRUST_NORMS", "LarsOptions", "lars", "resolve_impl",
-           "trust_ratio"]
+__all__ = ["IMPLS", "MOMENTUM_FORMS", "NORM_SOURCES", "TRUST_NORMS", "CarriedWeightNorms", "LarsOptions", "lars",
+           "resolve_impl", "trust_ratio"]
 
 #: The trust ratio of one tensor (0-d tensor), as every implementation computes it.
 trust_ratio = reference.trust_ratio
@@ -119,6 +120,7 @@ def lars(
     param_names: Sequence[str] | None = None,
     previous_lr: float | Tensor | None = None,
     impl: str = "auto",
+    carry: CarriedWeightNorms | None = None,
     **option_values: Any,
 ) -> None:
     """Apply one LARS step in place to ``params`` (and ``momentum_buffers``, ``master_params``).
@@ -149,6 +151,12 @@ def lars(
         previous_lr: the lr of the previous step, for ``momentum_correction`` (``None``: a first
             step, no correction).
         impl: one of :data:`IMPLS` (see the module docstring; ``"auto"`` is ``"fused"``).
+        carry: a :class:`CarriedWeightNorms` kept from step to step (``LARS(carry_weight_norms=True)``):
+            the fused CPU kernel keeps each large tensor's |w|^2 from its update for the next
+            step's norms, which then read only the gradient (same numbers, less memory traffic).
+            Only correct if the weights are written between steps only in ways their version
+            counter sees (not through ``p.data``): see :class:`CarriedWeightNorms`. DTensor params
+            and the other paths do not use it.
 
     DTensor params (FSDP2, HSDP, tensor parallel) step on their local shards with the norms of the
     full tensors: one all-reduce of the stacked sums of squares per (mesh, placements) group and
@@ -167,6 +175,9 @@ def lars(
         raise ValueError(f"Invalid stats: expected a float32 tensor of shape ({len(params)}, 3), got "
                          f"{tuple(stats.shape) if isinstance(stats, Tensor) else type(stats).__name__}"
                          f"{' ' + str(stats.dtype) if isinstance(stats, Tensor) else ''}")
+    if carry is not None and not isinstance(carry, CarriedWeightNorms):
+        raise ValueError(f"Invalid carry: {type(carry).__name__}; expected a larsopt.functional.CarriedWeightNorms "
+                         "or None")
     if not params:
         return
     if master_params is None:
@@ -188,19 +199,21 @@ def lars(
             part.finish()
         return
     _run_chain(chain, list(range(len(params))), params, grads, momentum_buffers, master_params, options, stats,
-               dict(grad_scale=grad_scale, found_inf=found_inf), generator, first_steps, previous_lr)
+               dict(grad_scale=grad_scale, found_inf=found_inf), generator, first_steps, previous_lr, carry)
 
 
 def _run_chain(chain: tuple[str, ...], indices: list[int], params: _Tensors, grads: _Tensors, buffers: _MaybeTensors,
                masters: _MaybeTensors, options: LarsOptions, stats: Tensor | None, inputs: dict[str, Any],
                generator: torch.Generator | None, first_steps: list[bool] | None,
-               previous_lr: float | Tensor | None = None) -> None:
+               previous_lr: float | Tensor | None = None, carry: CarriedWeightNorms | None = None) -> None:
     """Hand the tensors (``indices`` are their rows of ``stats``) down the chain of paths."""
     pending = list(range(len(params)))
     for path in chain:
         if path != chain[-1] and unsupported(options, _PATHS[path].SUPPORTED) is not None:
             continue
         path_inputs = inputs
+        if path == "fused" and carry is not None:
+            path_inputs = dict(inputs, carry=carry)
         if path == "reference":
             # (stochastic rounding and dampening: only the reference implements them)
             path_inputs = dict(inputs, generator=generator,

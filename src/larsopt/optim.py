@@ -91,6 +91,15 @@ class LARS(Optimizer):
             pickle or ``torch.save`` of the whole optimizer takes it along in its current state).
         telemetry: keep each param's |w|, |g|, trust ratio, step size and fallback and clip flags of
             the last step (:meth:`telemetry`, :mod:`larsopt.telemetry`).
+        carry_weight_norms: the fused CPU kernel keeps each large param's |w|^2 from its update
+            for the next step's norms, which then read only the gradient: the same numbers with
+            a fifth less memory read (ResNet-50 and BERT-base steps 10-20% faster). Opt-in, because
+            writes to a param that bypass its version counter between steps are not seen and
+            the next step would use the old |w|: in-place ops on ``p.data``, ``torch.distributed``
+            collectives into the param, writes through ``p.numpy()``/DLPack. Everything else
+            (in-place ops on the param under ``no_grad``, ``load_state_dict`` of the model,
+            ``nn.init``, ``p.data = other``) is detected (:class:`larsopt.functional.CarriedWeightNorms`).
+            Not used for DTensor params, under torch.compile or on other paths.
         dampening: torch SGD's momentum dampening d: the buffer takes (1 - d) of each update.
         buffer_start: a first step's buffer: ``"update"`` (the update itself, undampened: torch SGD)
             or ``"zeros"`` (dampened from the first step).
@@ -146,6 +155,7 @@ class LARS(Optimizer):
         generator: torch.Generator | None = None,
         capturable: bool = False,
         telemetry: bool = False,
+        carry_weight_norms: bool = False,
         dampening: float = 0.0,
         buffer_start: str = "update",
         adapt_when: str = "always",
@@ -158,7 +168,7 @@ class LARS(Optimizer):
             momentum_form=momentum_form, trust_norm=trust_norm, trust_clip=trust_clip, rescale_grad=rescale_grad,
             clip_gradient=clip_gradient, maximize=maximize, impl=impl, multi_precision=multi_precision,
             norm_source=norm_source, lazy_update=lazy_update, stochastic_rounding=stochastic_rounding,
-            capturable=capturable, telemetry=telemetry, dampening=dampening, buffer_start=buffer_start,
+            capturable=capturable, telemetry=telemetry, carry_weight_norms=carry_weight_norms, dampening=dampening, buffer_start=buffer_start,
             adapt_when=adapt_when, fallback=fallback, fallback_on=fallback_on, momentum_correction=momentum_correction,
         ))
         check_group(defaults)
@@ -168,6 +178,7 @@ class LARS(Optimizer):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"Invalid generator: {generator!r}; expected a torch.Generator or None")
         self.generator = generator
+        self._carried_weight_norms = F.CarriedWeightNorms()
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -179,6 +190,7 @@ class LARS(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("generator", None)  # pickled before the generator was kept
+        self._carried_weight_norms = F.CarriedWeightNorms()  # (of the original's params: a copy starts without)
         for key, default in group_defaults().items():  # pickled before the option or setting existed
             self.defaults.setdefault(key, default)
             for group in self.param_groups:
@@ -303,7 +315,8 @@ class LARS(Optimizer):
             previous_lr = group.get("previous_lr") if group["momentum_correction"] else None
             F.lars(params, grads, buffers, LarsOptions.from_group(group), master_params=masters, grad_scale=grad_scale,
                    found_inf=found_inf, generator=self.generator, stats=stats, param_names=names,
-                   previous_lr=previous_lr, impl=group["impl"])
+                   previous_lr=previous_lr, impl=group["impl"],
+                   carry=self._carried_weight_norms if group["carry_weight_norms"] else None)
             for index, state in new_buffers:  # (the core made first steps' buffers in the list)
                 state["momentum_buffer"] = buffers[index]
             if group["momentum_correction"] and params:
@@ -411,6 +424,7 @@ class LARS(Optimizer):
             if result is not None:
                 state_dict = result
         params_by_id = self._checked_state_dict(state_dict)
+        self._carried_weight_norms.clear()  # (cheap insurance: a resumed run may have loaded its weights too)
         saved_groups = state_dict["param_groups"]
         captured = getattr(self, "_graph_captured", False)
         if captured:

@@ -258,6 +258,9 @@ OPTIMIZER_SETTINGS: dict[str, Setting] = {
     "capturable": Setting(False, "the step will be captured in a CUDA graph (needs lr as a 0-d tensor)", _boolean),
     "telemetry": Setting(False, "keep each param's |w|, |g| and trust ratio of the last step (LARS.telemetry())",
                          _boolean),
+    "carry_weight_norms": Setting(False, "reuse each large param's |w|^2 from the previous step's update (fused CPU "
+                                  "kernel; same numbers, less memory traffic) while nothing wrote the param outside "
+                                  "its version counter (p.data)", _boolean),
 }
 
 

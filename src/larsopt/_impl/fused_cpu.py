@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -41,11 +42,13 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from larsopt._impl.norms import SUMS_DTYPE, compute_dtype
 from larsopt._impl.reference import ratios_from_sums, stats_rows
@@ -212,6 +215,7 @@ def load() -> ctypes.CDLL | None:
             function.restype = ctypes.c_int
             function.argtypes = [ctypes.POINTER(_KernelArgs)]
             library.larsopt_opened_parallel_region.restype = ctypes.c_int
+            library.larsopt_carry_min_numel.restype = ctypes.c_int64
             norms = library.larsopt_sums_of_squares
             norms.restype = ctypes.c_int
             norms.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
@@ -287,6 +291,8 @@ class _KernelArgs(ctypes.Structure):
         ("sums_out", ctypes.c_void_p),
         ("trust_in", ctypes.c_void_p),
         ("stats_out", ctypes.c_void_p),
+        ("weight_sums_in", ctypes.c_void_p),
+        ("weight_sums_out", ctypes.c_void_p),
         ("lr", ctypes.c_double),
         ("weight_decay", ctypes.c_double),
         ("momentum", ctypes.c_double),
@@ -358,8 +364,10 @@ def _readable_scalar(value: Tensor | float | None) -> bool:
 
 def _call(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: Tensor | None,
           grad_scale: Tensor | None, found_inf: Tensor | None, sums_out: Tensor | None, trust_in: Tensor | None,
-          stats_out: Tensor | None, reals: list[float], switches: list[int]) -> None:
-    """One kernel call over tensors of one dtype (``buffers`` empty without momentum)."""
+          stats_out: Tensor | None, reals: list[float], switches: list[int], weight_sums_in: ctypes.Array | None = None,
+          weight_sums_out: ctypes.Array | None = None) -> int:
+    """One kernel call over tensors of one dtype (``buffers`` empty without momentum); 1 when
+    ``found_inf`` skipped it (nothing written), else 0."""
     count = len(params)
     args = _KernelArgs(
         count=count,
@@ -374,6 +382,8 @@ def _call(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: 
         sums_out=_pointer(sums_out),
         trust_in=_pointer(trust_in),
         stats_out=_pointer(stats_out),
+        weight_sums_in=None if weight_sums_in is None else ctypes.addressof(weight_sums_in),
+        weight_sums_out=None if weight_sums_out is None else ctypes.addressof(weight_sums_out),
         lr_kind=_scalar_kind(lr),
         grad_scale_kind=_scalar_kind(grad_scale),
         found_inf_kind=_scalar_kind(found_inf),
@@ -381,7 +391,7 @@ def _call(params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], lr: 
         **dict(zip(_REAL_FIELDS, reals)),
         **dict(zip(_SWITCH_FIELDS, switches)),
     )
-    load().larsopt_lars_step(ctypes.byref(args))
+    return load().larsopt_lars_step(ctypes.byref(args))
 
 
 # Under a user's torch.compile the call is this custom op, which dynamo and inductor treat as one
@@ -458,21 +468,76 @@ class _Batch:
         self.buffers: list[Tensor] = []
 
     def run(self, options: LarsOptions, phase: int, grad_scale: Tensor | None, found_inf: Tensor | None,
-            sums_out: Tensor | None = None, trust_in: Tensor | None = None, stats_out: Tensor | None = None) -> None:
+            sums_out: Tensor | None = None, trust_in: Tensor | None = None, stats_out: Tensor | None = None,
+            carry: CarriedWeightNorms | None = None) -> None:
         reals, switches = _kernel_fields(options, self.params[0].dtype, phase)
         lr = options.lr if isinstance(options.lr, Tensor) else None
         if torch.compiler.is_compiling():
             _lars_cpu_step(self.params, self.grads, self.buffers, lr, grad_scale, found_inf, sums_out, trust_in,
                            stats_out, reals, switches)
             return
-        _call(self.params, self.grads, self.buffers, lr, grad_scale, found_inf, sums_out, trust_in, stats_out, reals,
-              switches)
+        carried = carry.before(self.params) if carry is not None else None
+        written = None if carried is None else (ctypes.c_double * len(self.params))()
+        skipped = _call(self.params, self.grads, self.buffers, lr, grad_scale, found_inf, sums_out, trust_in,
+                        stats_out, reals, switches, carried, written)
         if phase != _NORMS:
             # The kernel wrote through raw pointers: bump the version counters as an in-place op
             # would, so autograd still detects a param saved for backward and changed by the step.
             torch.autograd.graph.increment_version(self.params)
             if self.buffers:
                 torch.autograd.graph.increment_version(self.buffers)
+        if carried is not None:
+            carry.after(self.params, carried, written, skipped == 1)
+
+
+class CarriedWeightNorms:
+    """Each large param's |w|^2 as the fused CPU kernel's update wrote it, for the next step's
+    norms (``carry_weight_norms``): that step then reads only the gradient for them, 16 bytes per
+    param read instead of 20, and gets the same bits (the kernel sums the squares of the weights it
+    writes exactly as its norm pass would sum them).
+
+    An entry is used only while the param's version counter, data pointer
+    and storage are those recorded right after the kernel wrote it: any in-place op on the param
+    or a view of it (``copy_`` under ``no_grad``, ``nn.Module.load_state_dict``, ``nn.init``,
+    ``p.detach().mul_()``, another impl's step) bumps the counter, and ``p.data = other`` changes
+    the storage. Writes that bypass the
+    version counter are not seen, and the next step then uses the old |w|: in-place ops on
+    ``p.data`` (``p.data.clamp_()``, ``p.data.copy_()``), ``torch.distributed`` collectives into the
+    param's memory (``dist.broadcast(p)``), and writes through memory shared outside torch
+    (``p.numpy()``, DLPack, ctypes). Only tensors of at least ``larsopt_carry_min_numel()``
+    elements are carried (smaller ones stay in cache between the kernel's two passes: nothing to
+    gain)."""
+
+    def __init__(self) -> None:
+        # param -> (|w|^2, version, data pointer, storage): torch keeps one Python object per live
+        # storage, so a weak reference to it tells a new storage apart even at the same address.
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def before(self, params: list[Tensor]) -> ctypes.Array:
+        """The kernel's ``weight_sums_in`` for ``params``: each one's carried |w|^2, -1 where none is valid."""
+        carried = (ctypes.c_double * len(params))(*itertools.repeat(-1.0, len(params)))
+        entries, minimum = self._entries, _library.larsopt_carry_min_numel()
+        for i, param in enumerate(params):
+            if param.numel() >= minimum:
+                entry = entries.get(param)
+                if entry is not None and entry[1] == param._version and entry[2] == param.data_ptr() \
+                        and entry[3]() is param.untyped_storage():
+                    carried[i] = entry[0]
+        return carried
+
+    def after(self, params: list[Tensor], carried: ctypes.Array, written: ctypes.Array, skipped: bool) -> None:
+        """Keep what the kernel wrote (called after the version counters were bumped); a step that
+        found_inf skipped left the weights as they were, so their valid entries stay valid. (An
+        entry not renewed here has a stale version: it is never used again.)"""
+        sums = carried if skipped else written
+        entries = self._entries
+        for i, param in enumerate(params):
+            value = sums[i]
+            if not value < 0:  # (-1: none; a NaN |w|^2 is carried as it is)
+                entries[param] = (value, param._version, param.data_ptr(), weakref.ref(param.untyped_storage()))
 
 
 def step(
@@ -486,6 +551,7 @@ def step(
     found_inf: Tensor | None = None,
     stats: Tensor | None = None,
     reduce_sums: Callable[[Tensor], Tensor] | None = None,
+    carry: CarriedWeightNorms | None = None,
 ) -> list[int]:
     """Step every tensor the kernel covers (:func:`covers`), one kernel call per dtype, and return
     the indices of the others, untouched, for the caller to hand to another path. All are returned
@@ -494,7 +560,8 @@ def step(
 
     Without ``reduce_sums`` each tensor's norms and update run back to back in one call (the update
     reads from cache); with it, one call per dtype takes the sums, ``reduce_sums`` combines them,
-    and a second call updates with the trust ratios taken from the result."""
+    and a second call updates with the trust ratios taken from the result. ``carry`` (one-call
+    steps only) reuses and keeps each large tensor's |w|^2 (:class:`CarriedWeightNorms`)."""
     if not (_readable_scalar(options.lr) and _readable_scalar(grad_scale) and _readable_scalar(found_inf)):
         return list(range(len(params)))
     compiling = torch.compiler.is_compiling()
@@ -526,10 +593,13 @@ def step(
         return list(range(len(params)))
 
     if reduce_sums is None or not options.adapt:
+        # (|w|^2 matters only to a step that takes norms; a compiled step has no carry)
+        if not options.adapt or compiling:
+            carry = None
         for batch in batches.values():
             # (nan rows where the kernel writes none: a step AMP skips)
             rows = None if stats is None else torch.full((len(batch.params), 3), math.nan, dtype=torch.float32)
-            batch.run(options, _WHOLE, grad_scale, found_inf, stats_out=rows)
+            batch.run(options, _WHOLE, grad_scale, found_inf, stats_out=rows, carry=carry)
             if stats is not None:
                 stats[batch.indices] = rows.to(stats.device)
         return rest

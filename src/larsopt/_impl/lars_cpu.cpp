@@ -5,42 +5,54 @@
 // operations (no FMA contraction: the build uses -ffp-contract=off), so results match the
 // reference up to the summation order of the norms.
 //
-// Memory traffic: each tensor is processed whole before the next one: pass 1 reads w and g for
-// the norms, pass 2 reads them again (from cache for tensors whose w + g fit in the last-level
-// cache) together with the momentum buffer and writes w and the buffer. For cache-sized tensors
-// that is SGD's 20 bytes/param of DRAM traffic instead of LARS's 28. Nothing is allocated.
+// Memory traffic: a tensor processed whole by one thread has its two passes back to back: pass 1
+// reads w and g for the norms, pass 2 reads them again (from cache, for tensors whose w + g fit in
+// it) with the momentum buffer and writes w and the buffer: SGD's 20 bytes/param of DRAM traffic
+// instead of LARS's 28. With |w|^2 carried from the previous step (weight_sums_in), pass 1 reads
+// g only. Nothing is allocated but the schedule's small arrays.
 //
-// Threads: tensors below kCooperativeNumel are spread whole over the threads; larger tensors are
-// split into one contiguous slice per thread, and the same slice goes to the same thread in both
-// passes so that it is still in that core's cache. A call with fewer than kParallelNumel elements
-// in all, or with threads == 1, opens no OpenMP parallel region at all: GNU libgomp's thread pool
-// does not survive fork(), so a child forked after a region was opened (which the caller then runs
-// with one thread) must never enter one, and for so little work waking threads costs more than
-// it saves.
+// Schedule: the work is a list of items handed to the threads in order, each taken by the first
+// thread free (so a thread the machine takes away delays one item, not the step): first the norm
+// chunks of the split tensors (those too large for one thread's share), then the other tensors
+// whole, largest first (small ones in runs), then the update chunks of the split tensors, each
+// waiting for its tensor's norms (by then long done). A step has one parallel region and no
+// barrier inside it. A call with fewer than kParallelNumel elements in all, or with threads == 1,
+// opens no OpenMP parallel region at all: waking threads costs more than it saves there (and much
+// more on a busy machine), and GNU libgomp's thread pool does not survive fork(), so a child forked
+// after a region was opened (which the caller then runs with one thread) must never enter one.
 //
-// Norms: squares are summed in float over blocks of kBlock elements and the blocks in double. A
-// float block sum that is not finite (a square or the sum overflowed: entries around 1e19 and
-// up) or below kExactFloatSum (squares under FLT_MIN lost digits) is summed again in double, so
-// every finite tensor gets a finite and accurate norm; a real inf/NaN stays inf/NaN.
+// Norms: squares are summed over blocks of kBlock elements in kLanes float lanes added in a fixed
+// order, blocks in double within chunks of kChunk elements, and chunks in double in order. The
+// order of every addition is written out, so a tensor's sum does not depend on the threads, the
+// schedule or the loop that computes it: the update pass, summing the squares of the weights it
+// writes (weight_sums_out), gets the bits the next norm pass would. A float block sum that is not
+// finite (a square or the sum overflowed: entries around 1e19 and up) or below kExactFloatSum
+// (squares under FLT_MIN lost digits) is summed again in double, so every finite tensor gets a
+// finite and accurate norm; a real inf/NaN stays inf/NaN.
 
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kCooperativeNumel = 1 << 15;
-constexpr int64_t kParallelNumel = 1 << 15;  // torch's own grain size for parallel loops
-constexpr int64_t kBlock = 1024;  // float partial sums over 1024 elements, then added in double
-constexpr int64_t kNormChunk = 1 << 16;  // larsopt_sums_of_squares: the unit of work of one thread
+constexpr int64_t kParallelNumel = 1 << 18;  // below this in all, one thread (about 0.1-0.3 ms of work)
+constexpr int64_t kBlock = 1024;             // float partial sums over 1024 elements, then added in double
+constexpr int kLanes = 64;                   // the float partial sums of a block (4 independent vector chains)
+constexpr int64_t kChunk = 1 << 16;          // a split tensor's unit of work; blocks are summed per chunk
+constexpr int64_t kMinSplitNumel = 1 << 20;  // tensors smaller than this are never split
+constexpr int64_t kRunNumel = 1 << 14;       // small whole tensors are handed out in runs of this many elements
 // A float block sum at or above this keeps its digits: each of its 1024 squares is off by at most
 // 2^-150 (half the smallest subnormal), 2^-140 in all, a relative 2^-40 of the sum.
 constexpr float kExactFloatSum = 0x1p-100f;
+static_assert(kChunk % kBlock == 0 && kBlock % kLanes == 0, "chunks are whole blocks, blocks whole lane rows");
 
 struct BFloat16 {
   uint16_t bits;
@@ -106,79 +118,87 @@ inline D rescaled(D g, D sign, D scale, D rescale) {
 inline bool kept(float sum) { return sum >= kExactFloatSum && sum <= FLT_MAX; }
 inline bool kept(double) { return true; }
 
-// Sums of squares of w, of the rescaled gradient gr and (trust_norm "update") of gr + wd * w over
-// [begin, end), added to out[0..2]. The values are those the update uses (gr and gr + wd * w in
-// the compute dtype); only their squares and sums are widened where a float block needs it.
-template <typename T, bool TrustUpdate, bool HasScale>
+// The lanes of a block added in a fixed order (pairwise).
+template <typename D>
+inline D lanes_total(D* lanes) {
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] = lanes[j] + lanes[j + width];
+  }
+  return lanes[0];
+}
+
+// The sum of squares of value(start) .. value(stop - 1), one block (at most kBlock elements, in
+// the compute dtype D): element i goes to lane (i - start) % kLanes, the lanes are added pairwise;
+// a sum that is not kept is summed again in double, one value after the other. The order is
+// fixed, so every loop over the same values gets the same bits.
+template <typename D, typename Value>
+inline double block_sum(int64_t start, int64_t stop, const Value& value) {
+  D lanes[kLanes] = {};
+  int64_t i = start;
+  for (; i + kLanes <= stop; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const D x = value(i + j);
+      lanes[j] += x * x;
+    }
+  }
+  for (int j = 0; i < stop; ++i, ++j) {
+    const D x = value(i);
+    lanes[j] += x * x;
+  }
+  const D sum = lanes_total(lanes);
+  if (kept(sum)) return double(sum);
+  double wide = 0;
+  for (int64_t k = start; k < stop; ++k) {
+    const double x = double(value(k));
+    wide += x * x;
+  }
+  return wide;
+}
+
+// Sums of squares over [begin, end), a range of whole chunks of one tensor (its end may be the
+// tensor's end), added to out[0..2] chunk by chunk: |w|^2 (when NeedW), |gr|^2 and (TrustUpdate)
+// |gr + wd * w|^2, with gr and gr + wd * w the values the update uses, in the compute dtype. Each
+// block is read once per sum (the second and third time from L1).
+template <typename T, bool NeedW, bool TrustUpdate, bool HasScale>
 void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
   using D = typename Compute<T>::type;
   const D sign = h.maximize ? D(-1) : D(1), scale = D(h.grad_scale), rescale = D(h.rescale), wd = D(h.weight_decay);
-  double ww = 0, gg = 0, uu = 0;
-  for (int64_t start = begin; start < end; start += kBlock) {
-    const int64_t stop = start + kBlock < end ? start + kBlock : end;
-    D bw = 0, bg = 0, bu = 0;
-#pragma omp simd reduction(+ : bw, bg, bu)
-    for (int64_t i = start; i < stop; ++i) {
-      const D wi = load(w, i);
-      const D gi = rescaled<HasScale>(D(load(g, i)), sign, scale, rescale);
-      bw += wi * wi;
-      bg += gi * gi;
-      if (TrustUpdate) {
-        const D ui = gi + wd * wi;
-        bu += ui * ui;
-      }
+  const auto w_at = [&](int64_t i) { return D(load(w, i)); };
+  const auto g_at = [&](int64_t i) { return rescaled<HasScale>(D(load(g, i)), sign, scale, rescale); };
+  const auto u_at = [&](int64_t i) { return D(g_at(i) + wd * w_at(i)); };
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    const int64_t chunk_end = chunk + kChunk < end ? chunk + kChunk : end;
+    double ww = 0, gg = 0, uu = 0;
+    for (int64_t start = chunk; start < chunk_end; start += kBlock) {
+      const int64_t stop = start + kBlock < chunk_end ? start + kBlock : chunk_end;
+      if (NeedW) ww += block_sum<D>(start, stop, w_at);
+      gg += block_sum<D>(start, stop, g_at);
+      if (TrustUpdate) uu += block_sum<D>(start, stop, u_at);
     }
-    if (kept(bw) && kept(bg) && (!TrustUpdate || kept(bu))) {
-      ww += bw;
-      gg += bg;
-      uu += bu;
-      continue;
-    }
-    double dw = 0, dg = 0, du = 0;
-#pragma omp simd reduction(+ : dw, dg, du)
-    for (int64_t i = start; i < stop; ++i) {
-      const D wi = load(w, i);
-      const D gi = rescaled<HasScale>(D(load(g, i)), sign, scale, rescale);
-      dw += double(wi) * double(wi);
-      dg += double(gi) * double(gi);
-      if (TrustUpdate) {
-        const double ui = double(gi + wd * wi);
-        du += ui * ui;
-      }
-    }
-    ww += dw;
-    gg += dg;
-    uu += du;
+    if (NeedW) out[0] += ww;
+    out[1] += gg;
+    if (TrustUpdate) out[2] += uu;
   }
-  out[0] += ww;
-  out[1] += gg;
-  out[2] += uu;
 }
 
-// The sum of squares of x[begin, end) (larsopt_sums_of_squares), blocked as above.
+// The sum of squares of x[start, stop), one block, as the norm pass sums |w|^2.
+template <typename T>
+double block_sum_of_squares(const T* x, int64_t start, int64_t stop) {
+  using D = typename Compute<T>::type;
+  return block_sum<D>(start, stop, [&](int64_t i) { return D(load(x, i)); });
+}
+
+// The sum of squares of x[begin, end), a range of whole chunks, chunk by chunk.
 template <typename T>
 double sum_of_squares(const T* x, int64_t begin, int64_t end) {
-  using D = typename Compute<T>::type;
   double total = 0;
-  for (int64_t start = begin; start < end; start += kBlock) {
-    const int64_t stop = start + kBlock < end ? start + kBlock : end;
-    D block = 0;
-#pragma omp simd reduction(+ : block)
-    for (int64_t i = start; i < stop; ++i) {
-      const D xi = load(x, i);
-      block += xi * xi;
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    const int64_t chunk_end = chunk + kChunk < end ? chunk + kChunk : end;
+    double sum = 0;
+    for (int64_t start = chunk; start < chunk_end; start += kBlock) {
+      sum += block_sum_of_squares(x, start, start + kBlock < chunk_end ? start + kBlock : chunk_end);
     }
-    if (kept(block)) {
-      total += block;
-      continue;
-    }
-    double wide = 0;
-#pragma omp simd reduction(+ : wide)
-    for (int64_t i = start; i < stop; ++i) {
-      const double xi = load(x, i);
-      wide += xi * xi;
-    }
-    total += wide;
+    total += sum;
   }
   return total;
 }
@@ -257,15 +277,44 @@ UpdateFn<T> pick_update(const Hyper& h) {
   return pick_wd<T, kNoMomentum, false>(h);
 }
 
+// The sums of squares of [begin, end) (whole chunks of one tensor) into out[0..2]; |w|^2 only
+// when need_w (else it is carried from the previous step), unless trust_norm "update" needs w.
 template <typename T>
-void sums(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
+void sums(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, bool need_w, double* out) {
   if (h.trust_update && h.has_wd) {
-    if (h.has_scale) sums_of_squares<T, true, true>(w, g, begin, end, h, out);
-    else sums_of_squares<T, true, false>(w, g, begin, end, h, out);
+    if (h.has_scale) sums_of_squares<T, true, true, true>(w, g, begin, end, h, out);
+    else sums_of_squares<T, true, true, false>(w, g, begin, end, h, out);
+    return;
+  }
+  if (need_w) {
+    if (h.has_scale) sums_of_squares<T, true, false, true>(w, g, begin, end, h, out);
+    else sums_of_squares<T, true, false, false>(w, g, begin, end, h, out);
   } else {
-    if (h.has_scale) sums_of_squares<T, false, true>(w, g, begin, end, h, out);
-    else sums_of_squares<T, false, false>(w, g, begin, end, h, out);
-    if (h.trust_update) out[2] = out[1];  // wd == 0: g + wd * w is g
+    if (h.has_scale) sums_of_squares<T, false, false, true>(w, g, begin, end, h, out);
+    else sums_of_squares<T, false, false, false>(w, g, begin, end, h, out);
+  }
+  if (h.trust_update) out[2] = out[1];  // wd == 0: g + wd * w is g
+}
+
+// The update of [begin, end) (whole chunks of one tensor). With `written`, also adds there the
+// sum of squares of the weights it writes, block by block right after writing them (from L1) and
+// chunk by chunk, exactly as the next norm pass would sum them.
+template <typename T>
+void update_chunks(UpdateFn<T> update, T* w, const T* g, T* b, int64_t begin, int64_t end,
+                   typename Compute<T>::type lam, const Hyper& h, double* written) {
+  if (written == nullptr) {
+    update(w, g, b, begin, end, lam, h);
+    return;
+  }
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    const int64_t chunk_end = chunk + kChunk < end ? chunk + kChunk : end;
+    double sum = 0;
+    for (int64_t start = chunk; start < chunk_end; start += kBlock) {
+      const int64_t stop = start + kBlock < chunk_end ? start + kBlock : chunk_end;
+      update(w, g, b, start, stop, lam, h);
+      sum += block_sum_of_squares(w, start, stop);
+    }
+    *written += sum;
   }
 }
 
@@ -291,6 +340,9 @@ struct LarsKernelArgs {
   double* sums_out;           // phase kNorms: count x 3 sums of squares (|w|^2, |g|^2, |g + wd w|^2)
   const double* trust_in;     // phase kUpdate: count trust ratios
   float* stats_out;           // phase kWhole, optional (null): count x 3 (|w|, |g|, lam)
+  const double* weight_sums_in;  // optional (null): count |w|^2 carried from the previous step (< 0: unknown)
+  double* weight_sums_out;    // optional (null): count |w|^2 of the weights written (tensors of at least
+                              // larsopt_carry_min_numel() elements; -1 for the others)
   double lr;                  // used when lr_tensor is null
   double weight_decay;
   double momentum;
@@ -320,37 +372,51 @@ enum Phase : int { kWhole = 0, kNorms = 1, kUpdate = 2 };
 // an OpenMP thread pool that a forked child does not get.
 std::atomic<bool> opened_parallel_region{false};
 
-// Runs body(thread, threads) on `threads` OpenMP threads, or as body(0, 1) on the calling thread
-// without touching OpenMP when threads == 1 (see "Threads" above).
+// Runs body() on `threads` OpenMP threads, or once on the calling thread without touching OpenMP
+// when threads == 1 (see "Schedule" above).
 template <typename Body>
 void run_threads(int threads, const Body& body) {
   if (threads == 1) {
-    body(0, 1);
+    body();
     return;
   }
   opened_parallel_region.store(true, std::memory_order_relaxed);
 #pragma omp parallel num_threads(threads)
-  body(omp_get_thread_num(), omp_get_num_threads());
+  body();
 }
 
 // The number of threads for a call over `total` elements, at most `threads` (at least 1).
 int threads_for(int64_t total, int threads) { return threads > 1 && total >= kParallelNumel ? threads : 1; }
 
-// Hands out [0, count) in runs of `run` to the threads that ask (OpenMP's schedule(dynamic, 4),
-// without OpenMP's worksharing calls).
-class Runs {
+// Hands out the indices 0, 1, ... count-1, each to the first thread that asks.
+class Counter {
  public:
-  Runs(int64_t count, int64_t run) : count_(count), run_(run) {}
-  // The next run's first index, or -1 when none is left.
+  explicit Counter(int64_t count) : count_(count) {}
+  // The next index, or -1 when none is left.
   int64_t next() {
-    const int64_t first = next_.fetch_add(run_, std::memory_order_relaxed);
-    return first < count_ ? first : -1;
+    const int64_t index = next_.fetch_add(1, std::memory_order_relaxed);
+    return index < count_ ? index : -1;
   }
-  int64_t end(int64_t first) const { return first + run_ < count_ ? first + run_ : count_; }
 
  private:
   std::atomic<int64_t> next_{0};
-  const int64_t count_, run_;
+  const int64_t count_;
+};
+
+constexpr int64_t kCarryMinNumel = 1 << 17;  // smaller tensors stay in cache between the passes: nothing to gain
+
+enum ItemKind : int { kNormChunk = 0, kWholeRun = 1, kUpdateChunk = 2 };
+
+// One unit of the schedule: a chunk of a split tensor (`slot` in `split`, `chunk` within it), or
+// the whole tensors at positions [first, last) of the largest-first order.
+struct Item {
+  ItemKind kind;
+  int64_t a, b;  // kNormChunk/kUpdateChunk: slot, chunk; kWholeRun: first, last
+};
+
+// A split tensor: its chunks' sums (3 each) and written sums (1 each) start at chunks[first_chunk].
+struct Split {
+  int64_t tensor, first_chunk, chunks;
 };
 
 template <typename T>
@@ -362,77 +428,145 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
   for (int64_t t = 0; t < count; ++t) total += numels[t];
   const int threads = threads_for(total, a.threads);
   const UpdateFn<T> update = pick_update<T>(h);
-  const bool norms = h.adapt && a.phase != kUpdate;
-  std::vector<int64_t> whole, cooperative;
-  for (int64_t t = 0; t < count; ++t) (numels[t] < kCooperativeNumel || threads == 1 ? whole : cooperative).push_back(t);
-  // Per-thread partial sums of squares of the cooperative tensors, three per (tensor, thread).
-  std::vector<double> partial(cooperative.size() * threads * 3, 0.0);
-  Runs whole_runs(static_cast<int64_t>(whole.size()), 4);
+  const bool norms = h.adapt && a.phase != kUpdate, updates = a.phase != kNorms;
+  // Split only what would leave the other threads idle while one works through it.
+  const int64_t split_numel = std::max(kMinSplitNumel, total / (4 * int64_t(threads)));
+  std::vector<Split> split;
+  std::vector<int64_t> whole;
+  int64_t split_chunks = 0;
+  for (int64_t t = 0; t < count; ++t) {
+    if (threads > 1 && numels[t] >= split_numel) {
+      const int64_t chunks = (numels[t] + kChunk - 1) / kChunk;
+      split.push_back({t, split_chunks, chunks});
+      split_chunks += chunks;
+    } else {
+      whole.push_back(t);
+    }
+  }
+  std::sort(whole.begin(), whole.end(), [&](int64_t x, int64_t y) { return numels[x] > numels[y]; });
+  std::vector<Item> items;
+  if (norms) {
+    for (int64_t s = 0; s < int64_t(split.size()); ++s) {
+      for (int64_t c = 0; c < split[s].chunks; ++c) items.push_back({kNormChunk, s, c});
+    }
+  }
+  for (size_t first = 0; first < whole.size();) {
+    size_t last = first;
+    for (int64_t run = 0; last < whole.size() && run < kRunNumel; ++last) run += numels[whole[last]];
+    items.push_back({kWholeRun, int64_t(first), int64_t(last)});
+    first = last;
+  }
+  if (updates) {
+    for (int64_t s = 0; s < int64_t(split.size()); ++s) {
+      for (int64_t c = 0; c < split[s].chunks; ++c) items.push_back({kUpdateChunk, s, c});
+    }
+  }
+  std::vector<double> chunk_sums(split_chunks * 3, 0.0), chunk_written(split_chunks, 0.0);
+  std::vector<D> split_lam(split.size(), D(1));
+  // Per split tensor: its norm chunks not yet summed; its trust ratio is ready when none is left.
+  std::vector<std::atomic<int64_t>> remaining(split.size());
+  std::vector<std::atomic<bool>> ready(split.size());
+  for (size_t s = 0; s < split.size(); ++s) {
+    remaining[s].store(split[s].chunks, std::memory_order_relaxed);
+    ready[s].store(!norms, std::memory_order_relaxed);
+  }
+  if (!norms) {
+    for (size_t s = 0; s < split.size(); ++s) split_lam[s] = h.adapt ? D(a.trust_in[split[s].tensor]) : D(1);
+  }
 
+  // (trust_norm "update" with weight decay reads w for |g + wd * w| anyway, and sums |w|^2 with it)
+  const bool may_carry = a.weight_sums_in != nullptr && !(h.trust_update && h.has_wd);
+  auto carried = [&](int64_t t) { return may_carry && !(a.weight_sums_in[t] < 0); };
+  auto writes_sum = [&](int64_t t) { return a.weight_sums_out != nullptr && numels[t] >= kCarryMinNumel; };
   // One tensor's trust ratio from its sums (or as given), and what the step reports of it.
-  auto ratio = [&](int64_t t, const double* totals, bool report) -> D {
+  auto ratio = [&](int64_t t, const double* totals) -> D {
     if (a.phase == kUpdate) return h.adapt ? D(a.trust_in[t]) : D(1);
     const D lam = trust_ratio<D>(totals, h);
-    if (report && a.stats_out != nullptr) {
+    if (a.stats_out != nullptr) {
       a.stats_out[3 * t] = h.adapt ? float(std::sqrt(totals[0])) : NAN;
       a.stats_out[3 * t + 1] = h.adapt ? float(std::sqrt(totals[1])) : NAN;
       a.stats_out[3 * t + 2] = float(lam);
     }
     return lam;
   };
-
-  run_threads(threads, [&](int tid, int nthreads) {
-    for (int64_t first = whole_runs.next(); first >= 0; first = whole_runs.next()) {
-      for (int64_t k = first; k < whole_runs.end(first); ++k) {
-        const int64_t t = whole[k];
-        T* w = static_cast<T*>(a.params[t]);
-        const T* g = static_cast<const T*>(a.grads[t]);
-        double totals[3] = {0, 0, 0};
-        if (norms) sums(w, g, 0, numels[t], h, totals);
-        if (a.phase == kNorms) {
-          for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
-        } else {
-          update(w, g, buffer<T>(a.buffers, t), 0, numels[t], ratio(t, totals, true), h);
-        }
-      }
+  // A split tensor's totals (its chunks' sums in order), its ratio, or in phase kNorms its sums.
+  auto finish_norms = [&](int64_t s) {
+    const Split& sp = split[s];
+    double totals[3] = {carried(sp.tensor) ? a.weight_sums_in[sp.tensor] : 0.0, 0, 0};
+    for (int64_t c = 0; c < sp.chunks; ++c) {
+      for (int j = 0; j < 3; ++j) totals[j] += chunk_sums[(sp.first_chunk + c) * 3 + j];
     }
-    for (size_t k = 0; k < cooperative.size(); ++k) {
-      const int64_t t = cooperative[k], n = numels[t];
-      // Slices aligned to 16 elements (64 bytes for float32) so threads do not share cache lines.
-      const int64_t per_thread = ((n + nthreads - 1) / nthreads + 15) / 16 * 16;
-      const int64_t begin = tid * per_thread < n ? tid * per_thread : n;
-      const int64_t end = begin + per_thread < n ? begin + per_thread : n;
-      T* w = static_cast<T*>(a.params[t]);
-      const T* g = static_cast<const T*>(a.grads[t]);
-      if (norms) {
-        sums(w, g, begin, end, h, &partial[(k * threads + tid) * 3]);
-#pragma omp barrier
-      }
-      double totals[3] = {0, 0, 0};
-      for (int other = 0; other < nthreads; ++other) {  // same order in every thread: same lam
-        for (int j = 0; j < 3; ++j) totals[j] += partial[(k * threads + other) * 3 + j];
-      }
-      if (a.phase == kNorms) {
-        if (tid == 0) {
-          for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
+    if (a.phase == kNorms) {
+      for (int j = 0; j < 3; ++j) a.sums_out[3 * sp.tensor + j] = totals[j];
+    } else {
+      split_lam[s] = ratio(sp.tensor, totals);
+    }
+    ready[s].store(true, std::memory_order_release);
+  };
+
+  Counter next_item(int64_t(items.size()));
+  run_threads(threads, [&]() {
+    for (int64_t index = next_item.next(); index >= 0; index = next_item.next()) {
+      const Item& item = items[index];
+      if (item.kind == kWholeRun) {
+        for (int64_t k = item.a; k < item.b; ++k) {
+          const int64_t t = whole[k], n = numels[t];
+          T* w = static_cast<T*>(a.params[t]);
+          const T* g = static_cast<const T*>(a.grads[t]);
+          double totals[3] = {carried(t) ? a.weight_sums_in[t] : 0.0, 0, 0};
+          if (norms) sums(w, g, 0, n, h, !carried(t), totals);
+          if (a.phase == kNorms) {
+            for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
+            continue;
+          }
+          double written = 0;
+          update_chunks(update, w, g, buffer<T>(a.buffers, t), 0, n, ratio(t, totals), h,
+                        writes_sum(t) ? &written : nullptr);
+          if (writes_sum(t)) a.weight_sums_out[t] = written;
         }
         continue;
       }
-      update(w, g, buffer<T>(a.buffers, t), begin, end, ratio(t, totals, tid == 0), h);
+      const Split& sp = split[item.a];
+      const int64_t t = sp.tensor, begin = item.b * kChunk, end = std::min(begin + kChunk, numels[t]);
+      T* w = static_cast<T*>(a.params[t]);
+      const T* g = static_cast<const T*>(a.grads[t]);
+      if (item.kind == kNormChunk) {
+        sums(w, g, begin, end, h, !carried(t), &chunk_sums[(sp.first_chunk + item.b) * 3]);
+        if (remaining[item.a].fetch_sub(1, std::memory_order_acq_rel) == 1) finish_norms(item.a);
+        continue;
+      }
+      // Norm chunks were all handed out before any update chunk: at most the last few are still
+      // being summed by other threads.
+      while (!ready[item.a].load(std::memory_order_acquire)) std::this_thread::yield();
+      update_chunks(update, w, g, buffer<T>(a.buffers, t), begin, end, split_lam[item.a], h,
+                    writes_sum(t) ? &chunk_written[sp.first_chunk + item.b] : nullptr);
     }
   });
+  if (a.weight_sums_out != nullptr) {
+    for (int64_t t = 0; t < count; ++t) {
+      if (!writes_sum(t)) a.weight_sums_out[t] = -1;
+    }
+    if (updates) {
+      for (const Split& sp : split) {
+        if (!writes_sum(sp.tensor)) continue;
+        double written = 0;
+        for (int64_t c = 0; c < sp.chunks; ++c) written += chunk_written[sp.first_chunk + c];
+        a.weight_sums_out[sp.tensor] = written;
+      }
+    }
+  }
 }
 
 // The sums of squares of `count` tensors of one dtype into sums_out[0..count), chunk by chunk:
-// each chunk's sum is added to its tensor's in chunk order, so the result does not depend on the
-// number of threads.
+// the chunks' sums are added in order, so the result does not depend on the number of threads
+// (and equals the |w|^2 of the step's norm pass).
 template <typename T>
 void sums_of_tensors(int64_t count, const void* const* tensors, const int64_t* numels, int threads,
                      double* sums_out) {
   std::vector<int64_t> first_chunk(count + 1, 0);
   int64_t total = 0;
   for (int64_t t = 0; t < count; ++t) {
-    first_chunk[t + 1] = first_chunk[t] + (numels[t] + kNormChunk - 1) / kNormChunk;
+    first_chunk[t + 1] = first_chunk[t] + (numels[t] + kChunk - 1) / kChunk;
     total += numels[t];
   }
   const int64_t chunks = first_chunk[count];
@@ -441,18 +575,17 @@ void sums_of_tensors(int64_t count, const void* const* tensors, const int64_t* n
   for (int64_t t = 0; t < count; ++t) {
     for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) owner[c] = t;
   }
-  Runs runs(chunks, 1);
-  run_threads(threads_for(total, threads), [&](int, int) {
-    for (int64_t c = runs.next(); c >= 0; c = runs.next()) {
-      const int64_t t = owner[c], begin = (c - first_chunk[t]) * kNormChunk;
-      const int64_t end = begin + kNormChunk < numels[t] ? begin + kNormChunk : numels[t];
-      chunk_sums[c] = sum_of_squares(static_cast<const T*>(tensors[t]), begin, end);
+  Counter next_chunk(chunks);
+  run_threads(threads_for(total, threads), [&]() {
+    for (int64_t c = next_chunk.next(); c >= 0; c = next_chunk.next()) {
+      const int64_t t = owner[c], begin = (c - first_chunk[t]) * kChunk;
+      chunk_sums[c] = sum_of_squares(static_cast<const T*>(tensors[t]), begin, std::min(begin + kChunk, numels[t]));
     }
   });
   for (int64_t t = 0; t < count; ++t) {
-    double total = 0;
-    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) total += chunk_sums[c];
-    sums_out[t] = total;
+    double sum = 0;
+    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) sum += chunk_sums[c];
+    sums_out[t] = sum;
   }
 }
 
@@ -465,6 +598,9 @@ double read_scalar(const void* ptr, int kind, double fallback) {
 }  // namespace
 
 extern "C" int64_t larsopt_kernel_args_size() { return static_cast<int64_t>(sizeof(LarsKernelArgs)); }
+
+// Tensors of at least this many elements get their |w|^2 in weight_sums_out.
+extern "C" int64_t larsopt_carry_min_numel() { return kCarryMinNumel; }
 
 extern "C" int larsopt_opened_parallel_region() { return opened_parallel_region.load() ? 1 : 0; }
 
