@@ -4,11 +4,15 @@ Method (the same as the measurements in ``docs/performance.md``):
 
 * Parameter sets with random gradients: ResNet-50 (torchvision's 161 tensor shapes, 25,557,032
   params), BERT-base (199 tensors, 109,482,240 params) and "small" (2,000 tensors x 1,024).
-* Every row steps its own params (fresh optimizer state) with the same gradients, after warm-up
-  steps. The first step of each row is timed on its own ("first ms": kernel builds, compiles).
-* Timing interleaves blocks of consecutive steps per row and rotates the order every round, so
-  the drift of a shared machine hits all rows alike. The table gives the median and the
+* Every row steps its own params (fresh optimizer state) with the same gradients. The first
+  step of each row is timed on its own ("first ms": kernel builds, compiles).
+* Every set, BERT-base included, times ``--steps`` steps per row (default 60), after 3 warm-up
+  steps. Timing interleaves blocks of 5 consecutive steps per row and rotates the order every
+  round, so the drift of a shared machine hits all rows alike. The table gives the median and the
   25-75th percentiles; ratios are taken against torch SGD ``fused=True`` from the same run.
+* The 1-minute load average is sampled after every round; each set reports its min, median and
+  max, with a warning when it exceeded the CPU count: other programs then competed for the CPUs,
+  so the absolute times are unreliable (the ratios between the interleaved rows much less so).
 * "eff. GB/s" uses the minimal traffic: SGD with momentum 20 bytes/param (read w, g, b; write w, b),
   LARS 28 (w and g read twice); the probe ``a.add_(b)`` on one flat tensor moves 12.
 * "faults/step" are the minor page faults of the process per step (``getrusage``): a step that
@@ -44,6 +48,8 @@ from larsopt._impl import fused_cpu
 LR, MOMENTUM, WEIGHT_DECAY, TRUST, EPS = 0.1, 0.9, 5e-5, 0.001, 1e-8
 PARAM_SETS = ("resnet50", "bert", "small")
 DTYPES = ("float32", "bfloat16")
+BLOCK_STEPS = 5  # consecutive timed steps of one row per round
+WARMUP_STEPS = 3
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -192,24 +198,25 @@ def _timed(step: Callable[[], Any]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def run_set(set_name: str, dtype: torch.dtype, *, steps: int, block: int, warmup: int,
-            log: Callable[[str], None]) -> dict[str, Any]:
+def run_set(set_name: str, dtype: torch.dtype, *, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Measure every row of one parameter set; returns the JSON-ready result."""
     rows = build_rows(set_name, dtype)
     active = [row for row in rows if row.step is not None]
     for row in active:
         row.first_ms = _timed(row.step)
-        for _ in range(warmup):
+        for _ in range(WARMUP_STEPS):
             row.step()
-    rounds = math.ceil(steps / block)
+    rounds = math.ceil(steps / BLOCK_STEPS)
+    load_samples = []  # 1-minute load average after each round: how busy the machine was while timing
     for round_index in range(rounds):
         shift = round_index % len(active)
         for row in active[shift:] + active[:shift]:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            for _ in range(block):
+            for _ in range(BLOCK_STEPS):
                 row.times_ms.append(_timed(row.step))
             row.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        log(f"  {set_name} {dtype}: round {round_index + 1}/{rounds}")
+        load_samples.append(os.getloadavg()[0])
+        log(f"  {set_name} {dtype}: round {round_index + 1}/{rounds}, load average {load_samples[-1]:.2f}")
     shapes = param_set_shapes(set_name)
     numel = sum(math.prod(shape) for shape in shapes)
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -234,13 +241,19 @@ def run_set(set_name: str, dtype: torch.dtype, *, steps: int, block: int, warmup
             )
         results.append(entry)
     return {"set": set_name, "dtype": str(dtype).removeprefix("torch."), "tensors": len(shapes), "params": numel,
+            "load_average": {"min": min(load_samples), "median": statistics.median(load_samples),
+                             "max": max(load_samples), "samples": load_samples},
             "rows": results}
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """A Markdown table of one parameter set."""
+def format_table(result: dict[str, Any], cpus: int) -> str:
+    """A Markdown table of one parameter set, with the load average it ran under."""
+    load = result["load_average"]
     lines = [
         f"### {result['set']}: {result['tensors']} tensors, {result['params']:,} {result['dtype']} params",
+        "",
+        f"Load average (1 min) after each round ({len(load['samples'])}): min {load['min']:.2f}, "
+        f"median {load['median']:.2f}, max {load['max']:.2f} on {cpus} CPUs.",
         "",
         "| step | median ms | min ms | p25-p75 ms | vs SGD fused | first ms | eff. GB/s | % of probe | faults/step | note |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -254,6 +267,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['vs_sgd_fused']:.2f}x | {row['first_ms']:.1f} | {row['effective_gbps']:.1f} | "
             f"{row['percent_of_probe']:.0f}% | {row['faults_per_step']:.0f} | {row['note']} |"
         )
+    if load["max"] > cpus:
+        lines += ["", f"Warning: the load average reached {load['max']:.2f} on {cpus} CPUs: other programs competed "
+                      "for them, so the absolute times are unreliable (ratios between the interleaved rows remain "
+                      "comparable)."]
     return "\n".join(lines)
 
 
@@ -305,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", type=_names(DTYPES), default=["float32"],
                         help=f"comma-separated among {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--steps", type=_at_least(4), default=60,
-                        help="timed steps per row, at least 4 (default 60; BERT uses a quarter)")
+                        help=f"timed steps per row of every set, at least 4, rounded up to whole blocks of "
+                             f"{BLOCK_STEPS} (default 60)")
     parser.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", type=_json_path, help="also write the results as JSON to FILE")
     return parser
@@ -329,29 +347,28 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     # Other programs on a shared machine slow every row alike (the rows are interleaved), but the
-    # absolute times with them: the load before and after says how busy the machine was.
+    # absolute times with them: the load before, during (per set) and after says how busy it was.
+    cpus = os.cpu_count()
     load_before = os.getloadavg()
+    print(f"{cpus} CPUs, {torch.get_num_threads()} torch threads; load average (1 min) {load_before[0]:.2f}",
+          flush=True)
     start = time.perf_counter()
     kernel = fused_cpu.load()
     kernel_note = (f"fused CPU kernel ready in {time.perf_counter() - start:.2f} s (built, or loaded from the disk cache)"
                    if kernel is not None else f"fused CPU kernel unavailable: {fused_cpu.unavailable_reason()}")
-    print(kernel_note + f"; load average {load_before[0]:.2f}\n", flush=True)
+    print(kernel_note + "\n", flush=True)
     results = []
     with torch.no_grad():
         for set_name in args.sets:
             for dtype_name in args.dtypes:
-                large = set_name == "bert"
-                result = run_set(set_name, getattr(torch, dtype_name),
-                                 steps=max(4, args.steps // 4) if large else args.steps,
-                                 block=3 if large else 5, warmup=2 if large else 3, log=log)
+                result = run_set(set_name, getattr(torch, dtype_name), steps=args.steps, log=log)
                 results.append(result)
-                print(format_table(result) + "\n", flush=True)
+                print(format_table(result, cpus) + "\n", flush=True)
     load_after = os.getloadavg()
-    print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; {os.cpu_count()} CPUs",
-          flush=True)
+    print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after", flush=True)
     if args.json:
         outputs.write_json(args.json, {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                       "fused_kernel": kernel_note, "cpus": os.cpu_count(),
+                                       "fused_kernel": kernel_note, "cpus": cpus,
                                        "load_average": {"before": list(load_before), "after": list(load_after)},
                                        "results": results})
     return 0
