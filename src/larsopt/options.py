@@ -302,13 +302,19 @@ _RESTRICTIONS: dict[int, tuple[Mapping[str, Any], list[tuple[str, tuple[Any, ...
 
 def _restrictions(supported: Mapping[str, tuple[Any, ...] | _Any]) -> list[tuple[str, tuple[Any, ...]]]:
     """(option, values it may take) for every option ``supported`` limits, an option it does not list
-    being limited to its default. Worked out once per table."""
+    being limited to its default. Worked out once per table (and afresh while dynamo traces: a
+    look-up in the cache would become a guard on its contents, which the first call changes)."""
+    if torch.compiler.is_compiling():
+        return _limits(supported)
     cached = _RESTRICTIONS.get(id(supported))
     if cached is None or cached[0] is not supported:
-        limits = [(name, (DEFAULTS[name],) if name not in supported else supported[name])
-                  for name in DEFAULTS if supported.get(name) is not ANY]
-        cached = _RESTRICTIONS[id(supported)] = (supported, limits)
+        cached = _RESTRICTIONS[id(supported)] = (supported, _limits(supported))
     return cached[1]
+
+
+def _limits(supported: Mapping[str, tuple[Any, ...] | _Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    return [(name, (DEFAULTS[name],) if name not in supported else supported[name])
+            for name in DEFAULTS if supported.get(name) is not ANY]
 
 
 def unsupported(options: LarsOptions, supported: Mapping[str, tuple[Any, ...] | _Any]) -> str | None:
