@@ -17,8 +17,8 @@ from larsopt._impl import fused_cpu
 
 pytestmark = pytest.mark.skipif(fused_cpu.load() is None, reason=f"no C++ kernel: {fused_cpu.unavailable_reason()}")
 
-# A tensor split between threads (2**20 elements and more), two carried whole (2**17 and more,
-# one with a partial last block), one too small to carry.
+# Three tensors shared by the kernel's threads and carried (2**17 elements and more; partial last
+# chunks and blocks), one taken whole and too small to carry.
 SHAPES = [((1 << 20) + 4_099,), (512, 300), (150_001,), (33, 7)]
 
 

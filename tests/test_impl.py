@@ -25,8 +25,8 @@ from option_registry import sweep_names_and_values
 FAST_IMPLS = ("foreach", "fused")
 # 1-D .. 4-D, a zero weight and a zero gradient (lam = 1 fallback).
 SHAPES = [(5,), (7, 6), (4, 3, 5), (6, 3, 3, 3), (9,), (3, 4)]
-# Large enough for the fused kernel's threads (2**18 elements in all) and for one tensor split in
-# chunks between them (2**20 elements), ending in a partial chunk and a partial block.
+# Large enough for the fused kernel's threads (2**18 elements in all): two tensors shared by them
+# (2**17 elements and more; partial last chunk and block), one taken whole.
 LARGE_SHAPES = [((1 << 20) + 70_001,), (300, 900), (41_000,)]
 ZERO_WEIGHT, ZERO_GRAD = 4, 5
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}

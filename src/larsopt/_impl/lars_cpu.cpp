@@ -11,15 +11,18 @@
 // instead of LARS's 28. With |w|^2 carried from the previous step (weight_sums_in), pass 1 reads
 // g only. Nothing is allocated but the schedule's small arrays.
 //
-// Schedule: the work is a list of items handed to the threads in order, each taken by the first
-// thread free (so a thread the machine takes away delays one item, not the step): first the norm
-// chunks of the split tensors (those too large for one thread's share), then the other tensors
-// whole, largest first (small ones in runs), then the update chunks of the split tensors, each
-// waiting for its tensor's norms (by then long done). A step has one parallel region and no
-// barrier inside it. A call with fewer than kParallelNumel elements in all, or with threads == 1,
-// opens no OpenMP parallel region at all: waking threads costs more than it saves there (and much
-// more on a busy machine), and GNU libgomp's thread pool does not survive fork(), so a child forked
-// after a region was opened (which the caller then runs with one thread) must never enter one.
+// Schedule (one parallel region per call, no barrier in it): a tensor of kSharedNumel elements or
+// more is shared by the threads, slice k (whole chunks) being thread k's for both passes, so the
+// update finds the slice in that core's cache; a thread waits a little (kReadyWait, once per
+// step at most) for the other slices' norms of a tensor before updating its slice. Smaller
+// tensors are taken whole, largest first (small ones in runs), by whichever thread is free. A
+// thread out of work takes the slices other threads have not begun, and their updates once
+// ready: a thread the machine takes away delays the step by the slice it is in, not by all of
+// its share. A call with fewer than kParallelNumel elements in all, or with threads == 1,
+// opens no OpenMP parallel region at all: waking threads costs more than it saves there (and
+// much more on a busy machine), and GNU libgomp's thread pool does not survive fork(), so a child
+// forked after a region was opened (which the caller then runs with one thread) must never
+// enter one.
 //
 // Norms: squares are summed over blocks of kBlock elements in kLanes float lanes added in a fixed
 // order, blocks in double within chunks of kChunk elements, and chunks in double in order. The
@@ -34,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -46,8 +50,8 @@ namespace {
 constexpr int64_t kParallelNumel = 1 << 18;  // below this in all, one thread (about 0.1-0.3 ms of work)
 constexpr int64_t kBlock = 1024;             // float partial sums over 1024 elements, then added in double
 constexpr int kLanes = 64;                   // the float partial sums of a block (4 independent vector chains)
-constexpr int64_t kChunk = 1 << 16;          // a split tensor's unit of work; blocks are summed per chunk
-constexpr int64_t kMinSplitNumel = 1 << 20;  // tensors smaller than this are never split
+constexpr int64_t kChunk = 1 << 16;          // slices of shared tensors are whole chunks; blocks are summed per chunk
+constexpr int64_t kSharedNumel = 1 << 17;    // tensors this large are shared by the threads, a slice each
 constexpr int64_t kRunNumel = 1 << 14;       // small whole tensors are handed out in runs of this many elements
 // A float block sum at or above this keeps its digits: each of its 1024 squares is off by at most
 // 2^-150 (half the smallest subnormal), 2^-140 in all, a relative 2^-40 of the sum.
@@ -127,6 +131,20 @@ inline D lanes_total(D* lanes) {
   return lanes[0];
 }
 
+// A block's sum from its lanes: added pairwise, kept, or (not kept) summed again in double one
+// value after the other.
+template <typename D, typename Value>
+inline double lanes_sum(D* lanes, int64_t start, int64_t stop, const Value& value) {
+  const D sum = lanes_total(lanes);
+  if (kept(sum)) return double(sum);
+  double wide = 0;
+  for (int64_t k = start; k < stop; ++k) {
+    const double x = double(value(k));
+    wide += x * x;
+  }
+  return wide;
+}
+
 // The sum of squares of value(start) .. value(stop - 1), one block (at most kBlock elements, in
 // the compute dtype D): element i goes to lane (i - start) % kLanes, the lanes are added pairwise;
 // a sum that is not kept is summed again in double, one value after the other. The order is
@@ -145,20 +163,14 @@ inline double block_sum(int64_t start, int64_t stop, const Value& value) {
     const D x = value(i);
     lanes[j] += x * x;
   }
-  const D sum = lanes_total(lanes);
-  if (kept(sum)) return double(sum);
-  double wide = 0;
-  for (int64_t k = start; k < stop; ++k) {
-    const double x = double(value(k));
-    wide += x * x;
-  }
-  return wide;
+  return lanes_sum(lanes, start, stop, value);
 }
 
 // Sums of squares over [begin, end), a range of whole chunks of one tensor (its end may be the
 // tensor's end), added to out[0..2] chunk by chunk: |w|^2 (when NeedW), |gr|^2 and (TrustUpdate)
-// |gr + wd * w|^2, with gr and gr + wd * w the values the update uses, in the compute dtype. Each
-// block is read once per sum (the second and third time from L1).
+// |gr + wd * w|^2, with gr and gr + wd * w the values the update uses, in the compute dtype. One
+// loop reads w and g together (two streams the prefetcher follows); each sum has its own lanes,
+// filled as block_sum fills them, so |w|^2 has block_sum's bits.
 template <typename T, bool NeedW, bool TrustUpdate, bool HasScale>
 void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, double* out) {
   using D = typename Compute<T>::type;
@@ -171,9 +183,31 @@ void sums_of_squares(const T* w, const T* g, int64_t begin, int64_t end, const H
     double ww = 0, gg = 0, uu = 0;
     for (int64_t start = chunk; start < chunk_end; start += kBlock) {
       const int64_t stop = start + kBlock < chunk_end ? start + kBlock : chunk_end;
-      if (NeedW) ww += block_sum<D>(start, stop, w_at);
-      gg += block_sum<D>(start, stop, g_at);
-      if (TrustUpdate) uu += block_sum<D>(start, stop, u_at);
+      D lw[kLanes] = {}, lg[kLanes] = {}, lu[kLanes] = {};
+      int64_t i = start;
+      for (; i + kLanes <= stop; i += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          const D wi = w_at(i + j), gi = g_at(i + j);
+          if (NeedW) lw[j] += wi * wi;
+          lg[j] += gi * gi;
+          if (TrustUpdate) {
+            const D ui = gi + wd * wi;
+            lu[j] += ui * ui;
+          }
+        }
+      }
+      for (int j = 0; i < stop; ++i, ++j) {
+        const D wi = w_at(i), gi = g_at(i);
+        if (NeedW) lw[j] += wi * wi;
+        lg[j] += gi * gi;
+        if (TrustUpdate) {
+          const D ui = gi + wd * wi;
+          lu[j] += ui * ui;
+        }
+      }
+      if (NeedW) ww += lanes_sum(lw, start, stop, w_at);
+      gg += lanes_sum(lg, start, stop, g_at);
+      if (TrustUpdate) uu += lanes_sum(lu, start, stop, u_at);
     }
     if (NeedW) out[0] += ww;
     out[1] += gg;
@@ -405,18 +439,22 @@ class Counter {
 
 constexpr int64_t kCarryMinNumel = 1 << 17;  // smaller tensors stay in cache between the passes: nothing to gain
 
-enum ItemKind : int { kNormChunk = 0, kWholeRun = 1, kUpdateChunk = 2 };
+// How long a thread waits for the other slices' norms of a shared tensor before doing other work.
+// Threads that keep pace update each slice while it is in cache; one that the machine took away
+// (or that woke up late) costs this once per step: after a wait runs out, nobody waits any more.
+constexpr auto kReadyWait = std::chrono::microseconds(500);
 
-// One unit of the schedule: a chunk of a split tensor (`slot` in `split`, `chunk` within it), or
-// the whole tensors at positions [first, last) of the largest-first order.
-struct Item {
-  ItemKind kind;
-  int64_t a, b;  // kNormChunk/kUpdateChunk: slot, chunk; kWholeRun: first, last
-};
+inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
 
-// A split tensor: its chunks' sums (3 each) and written sums (1 each) start at chunks[first_chunk].
-struct Split {
-  int64_t tensor, first_chunk, chunks;
+// A tensor shared by the threads: slice k (whole chunks [first + k * chunks / threads, ...)) is
+// thread k's, for its norms and its update alike, so the update finds the slice in that core's
+// cache. Its chunks' sums (3 each) and written sums (1 each) start at index `first`.
+struct Shared {
+  int64_t tensor, first, chunks;
 };
 
 template <typename T>
@@ -429,50 +467,43 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
   const int threads = threads_for(total, a.threads);
   const UpdateFn<T> update = pick_update<T>(h);
   const bool norms = h.adapt && a.phase != kUpdate, updates = a.phase != kNorms;
-  // Split only what would leave the other threads idle while one works through it.
-  const int64_t split_numel = std::max(kMinSplitNumel, total / (4 * int64_t(threads)));
-  std::vector<Split> split;
+  std::vector<Shared> shared;
   std::vector<int64_t> whole;
-  int64_t split_chunks = 0;
+  int64_t shared_chunks = 0;
   for (int64_t t = 0; t < count; ++t) {
-    if (threads > 1 && numels[t] >= split_numel) {
+    if (threads > 1 && numels[t] >= kSharedNumel) {
       const int64_t chunks = (numels[t] + kChunk - 1) / kChunk;
-      split.push_back({t, split_chunks, chunks});
-      split_chunks += chunks;
+      shared.push_back({t, shared_chunks, chunks});
+      shared_chunks += chunks;
     } else {
       whole.push_back(t);
     }
   }
   std::sort(whole.begin(), whole.end(), [&](int64_t x, int64_t y) { return numels[x] > numels[y]; });
-  std::vector<Item> items;
-  if (norms) {
-    for (int64_t s = 0; s < int64_t(split.size()); ++s) {
-      for (int64_t c = 0; c < split[s].chunks; ++c) items.push_back({kNormChunk, s, c});
-    }
-  }
+  std::vector<std::pair<int64_t, int64_t>> runs;  // the whole tensors in runs [first, last) of the order
   for (size_t first = 0; first < whole.size();) {
     size_t last = first;
     for (int64_t run = 0; last < whole.size() && run < kRunNumel; ++last) run += numels[whole[last]];
-    items.push_back({kWholeRun, int64_t(first), int64_t(last)});
+    runs.emplace_back(int64_t(first), int64_t(last));
     first = last;
   }
-  if (updates) {
-    for (int64_t s = 0; s < int64_t(split.size()); ++s) {
-      for (int64_t c = 0; c < split[s].chunks; ++c) items.push_back({kUpdateChunk, s, c});
-    }
+  const int64_t tasks = int64_t(shared.size()) * threads;  // one per (shared tensor, slice)
+  std::vector<double> chunk_sums(shared_chunks * 3, 0.0), chunk_written(shared_chunks, 0.0);
+  std::vector<D> shared_lam(shared.size(), D(1));
+  // Each norm and update task is claimed once (by its owner, or by a thread that ran out of work).
+  std::vector<std::atomic<bool>> norm_claimed(tasks), update_claimed(tasks);
+  std::vector<std::atomic<int64_t>> norms_left(shared.size());  // slices whose norms are not summed yet
+  std::vector<std::atomic<bool>> ready(shared.size());          // the tensor's trust ratio is known
+  for (int64_t k = 0; k < tasks; ++k) {
+    norm_claimed[k].store(!norms, std::memory_order_relaxed);
+    update_claimed[k].store(!updates, std::memory_order_relaxed);
   }
-  std::vector<double> chunk_sums(split_chunks * 3, 0.0), chunk_written(split_chunks, 0.0);
-  std::vector<D> split_lam(split.size(), D(1));
-  // Per split tensor: its norm chunks not yet summed; its trust ratio is ready when none is left.
-  std::vector<std::atomic<int64_t>> remaining(split.size());
-  std::vector<std::atomic<bool>> ready(split.size());
-  for (size_t s = 0; s < split.size(); ++s) {
-    remaining[s].store(split[s].chunks, std::memory_order_relaxed);
+  for (size_t s = 0; s < shared.size(); ++s) {
+    norms_left[s].store(threads, std::memory_order_relaxed);
     ready[s].store(!norms, std::memory_order_relaxed);
+    if (!norms) shared_lam[s] = h.adapt ? D(a.trust_in[shared[s].tensor]) : D(1);
   }
-  if (!norms) {
-    for (size_t s = 0; s < split.size(); ++s) split_lam[s] = h.adapt ? D(a.trust_in[split[s].tensor]) : D(1);
-  }
+  std::atomic<int64_t> updates_left{updates ? tasks : 0};
 
   // (trust_norm "update" with weight decay reads w for |g + wd * w| anyway, and sums |w|^2 with it)
   const bool may_carry = a.weight_sums_in != nullptr && !(h.trust_update && h.has_wd);
@@ -489,57 +520,121 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     }
     return lam;
   };
-  // A split tensor's totals (its chunks' sums in order), its ratio, or in phase kNorms its sums.
-  auto finish_norms = [&](int64_t s) {
-    const Split& sp = split[s];
-    double totals[3] = {carried(sp.tensor) ? a.weight_sums_in[sp.tensor] : 0.0, 0, 0};
-    for (int64_t c = 0; c < sp.chunks; ++c) {
-      for (int j = 0; j < 3; ++j) totals[j] += chunk_sums[(sp.first_chunk + c) * 3 + j];
+  auto slice = [&](const Shared& sh, int k) {  // chunk range of slice k
+    return std::make_pair(k * sh.chunks / threads, (k + 1) * sh.chunks / threads);
+  };
+  auto claim = [](std::atomic<bool>& flag) { return !flag.load(std::memory_order_relaxed) && !flag.exchange(true); };
+
+  auto run_whole = [&](int64_t first, int64_t last) {
+    for (int64_t position = first; position < last; ++position) {
+      const int64_t t = whole[position], n = numels[t];
+      T* w = static_cast<T*>(a.params[t]);
+      const T* g = static_cast<const T*>(a.grads[t]);
+      double totals[3] = {carried(t) ? a.weight_sums_in[t] : 0.0, 0, 0};
+      if (norms) sums(w, g, 0, n, h, !carried(t), totals);
+      if (a.phase == kNorms) {
+        for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
+        continue;
+      }
+      double written = 0;
+      update_chunks(update, w, g, buffer<T>(a.buffers, t), 0, n, ratio(t, totals), h, writes_sum(t) ? &written : nullptr);
+      if (writes_sum(t)) a.weight_sums_out[t] = written;
+    }
+  };
+  // The norms of slice k of shared tensor s (its task already claimed); the last slice summed
+  // adds the chunks' sums in order and takes the ratio (or, in phase kNorms, reports the sums).
+  auto run_norms = [&](int64_t s, int k) {
+    const Shared& sh = shared[s];
+    const int64_t t = sh.tensor;
+    const auto [first, last] = slice(sh, k);
+    for (int64_t c = first; c < last; ++c) {
+      sums(static_cast<const T*>(a.params[t]), static_cast<const T*>(a.grads[t]), c * kChunk,
+           std::min((c + 1) * kChunk, numels[t]), h, !carried(t), &chunk_sums[(sh.first + c) * 3]);
+    }
+    if (norms_left[s].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    double totals[3] = {carried(t) ? a.weight_sums_in[t] : 0.0, 0, 0};
+    for (int64_t c = 0; c < sh.chunks; ++c) {
+      for (int j = 0; j < 3; ++j) totals[j] += chunk_sums[(sh.first + c) * 3 + j];
     }
     if (a.phase == kNorms) {
-      for (int j = 0; j < 3; ++j) a.sums_out[3 * sp.tensor + j] = totals[j];
+      for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
     } else {
-      split_lam[s] = ratio(sp.tensor, totals);
+      shared_lam[s] = ratio(t, totals);
     }
     ready[s].store(true, std::memory_order_release);
   };
+  auto run_update = [&](int64_t s, int k) {  // (the task claimed, the tensor ready)
+    const Shared& sh = shared[s];
+    const int64_t t = sh.tensor;
+    const auto [first, last] = slice(sh, k);
+    T* w = static_cast<T*>(a.params[t]);
+    for (int64_t c = first; c < last; ++c) {
+      update_chunks(update, w, static_cast<const T*>(a.grads[t]), buffer<T>(a.buffers, t), c * kChunk,
+                    std::min((c + 1) * kChunk, numels[t]), shared_lam[s], h,
+                    writes_sum(t) ? &chunk_written[sh.first + c] : nullptr);
+    }
+    updates_left.fetch_sub(1, std::memory_order_acq_rel);
+  };
+  auto try_update = [&](int64_t s, int k) -> bool {  // runs it if ready and not taken; true if it is done or taken
+    if (update_claimed[s * threads + k].load(std::memory_order_relaxed)) return true;
+    if (!ready[s].load(std::memory_order_acquire)) return false;
+    if (claim(update_claimed[s * threads + k])) run_update(s, k);
+    return true;
+  };
 
-  Counter next_item(int64_t(items.size()));
+  std::atomic<int64_t> next_run{0};
+  std::atomic<bool> gave_up{false};
   run_threads(threads, [&]() {
-    for (int64_t index = next_item.next(); index >= 0; index = next_item.next()) {
-      const Item& item = items[index];
-      if (item.kind == kWholeRun) {
-        for (int64_t k = item.a; k < item.b; ++k) {
-          const int64_t t = whole[k], n = numels[t];
-          T* w = static_cast<T*>(a.params[t]);
-          const T* g = static_cast<const T*>(a.grads[t]);
-          double totals[3] = {carried(t) ? a.weight_sums_in[t] : 0.0, 0, 0};
-          if (norms) sums(w, g, 0, n, h, !carried(t), totals);
-          if (a.phase == kNorms) {
-            for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
-            continue;
+    const int me = threads == 1 ? 0 : omp_get_thread_num();
+    std::vector<int64_t> mine;  // shared tensors whose slice `me` had its norms and awaits its update
+    int64_t next_norm = 0;
+    for (;;) {
+      // 1. my own slices: norms in order, each update as soon as its tensor is ready (while the
+      //    slice is in this core's cache): after my slice of a tensor, wait a little for the
+      //    other threads' slices of it (a thread the machine took away is not waited for)
+      while (next_norm < int64_t(shared.size()) && !claim(norm_claimed[next_norm * threads + me])) {
+        mine.push_back(next_norm++);  // (taken by a thread that ran out of work: the update is still mine)
+      }
+      if (next_norm < int64_t(shared.size())) {
+        run_norms(next_norm, me);
+        mine.push_back(next_norm++);
+        if (!gave_up.load(std::memory_order_relaxed)) {
+          const auto deadline = std::chrono::steady_clock::now() + kReadyWait;
+          while (!ready[mine.back()].load(std::memory_order_acquire)) {
+            if (std::chrono::steady_clock::now() > deadline) {
+              gave_up.store(true, std::memory_order_relaxed);  // a thread is away: stop waiting this step
+              break;
+            }
+            pause();
           }
-          double written = 0;
-          update_chunks(update, w, g, buffer<T>(a.buffers, t), 0, n, ratio(t, totals), h,
-                        writes_sum(t) ? &written : nullptr);
-          if (writes_sum(t)) a.weight_sums_out[t] = written;
         }
+      }
+      mine.erase(std::remove_if(mine.begin(), mine.end(), [&](int64_t s) { return try_update(s, me); }), mine.end());
+      if (next_norm < int64_t(shared.size())) continue;
+      // 2. the whole tensors, whoever is free
+      const int64_t run = next_run.fetch_add(1, std::memory_order_relaxed);
+      if (run < int64_t(runs.size())) {
+        run_whole(runs[run].first, runs[run].second);
         continue;
       }
-      const Split& sp = split[item.a];
-      const int64_t t = sp.tensor, begin = item.b * kChunk, end = std::min(begin + kChunk, numels[t]);
-      T* w = static_cast<T*>(a.params[t]);
-      const T* g = static_cast<const T*>(a.grads[t]);
-      if (item.kind == kNormChunk) {
-        sums(w, g, begin, end, h, !carried(t), &chunk_sums[(sp.first_chunk + item.b) * 3]);
-        if (remaining[item.a].fetch_sub(1, std::memory_order_acq_rel) == 1) finish_norms(item.a);
-        continue;
+      // 3. out of work: the other threads' slices not begun (a thread the machine took away)
+      bool stole = false;
+      for (int64_t k = 0; k < tasks && !stole; ++k) {
+        if (claim(norm_claimed[k])) {
+          run_norms(k / threads, int(k % threads));
+          stole = true;
+        }
       }
-      // Norm chunks were all handed out before any update chunk: at most the last few are still
-      // being summed by other threads.
-      while (!ready[item.a].load(std::memory_order_acquire)) std::this_thread::yield();
-      update_chunks(update, w, g, buffer<T>(a.buffers, t), begin, end, split_lam[item.a], h,
-                    writes_sum(t) ? &chunk_written[sp.first_chunk + item.b] : nullptr);
+      for (int64_t k = 0; k < tasks && !stole; ++k) {
+        if (!update_claimed[k].load(std::memory_order_relaxed) && ready[k / threads].load(std::memory_order_acquire)
+            && claim(update_claimed[k])) {
+          run_update(k / threads, int(k % threads));
+          stole = true;
+        }
+      }
+      if (stole) continue;
+      if (updates_left.load(std::memory_order_acquire) == 0 || !updates) break;
+      std::this_thread::yield();  // updates left whose norms another thread is still summing
     }
   });
   if (a.weight_sums_out != nullptr) {
@@ -547,11 +642,11 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
       if (!writes_sum(t)) a.weight_sums_out[t] = -1;
     }
     if (updates) {
-      for (const Split& sp : split) {
-        if (!writes_sum(sp.tensor)) continue;
+      for (const Shared& sh : shared) {
+        if (!writes_sum(sh.tensor)) continue;
         double written = 0;
-        for (int64_t c = 0; c < sp.chunks; ++c) written += chunk_written[sp.first_chunk + c];
-        a.weight_sums_out[sp.tensor] = written;
+        for (int64_t c = 0; c < sh.chunks; ++c) written += chunk_written[sh.first + c];
+        a.weight_sums_out[sh.tensor] = written;
       }
     }
   }
