@@ -6,7 +6,11 @@ bits on one thread and on two (its sums are added in a fixed order)."""
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +198,32 @@ def test_one_thread_and_two_give_the_same_bits():
             optimizer.step()
         results.append(params)
     assert _equal(*results)
+
+
+_STEAL_CODE = """
+import sys, torch, larsopt
+torch.set_num_threads(2)
+sys.path.insert(0, {tests!r})
+from test_carry import _params, _set_grads
+params = _params()
+optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.01, carry_weight_norms=True)
+for step in range(3):
+    _set_grads(params, seed=step)
+    optimizer.step()
+torch.save([p.detach() for p in params], sys.argv[1])
+"""
+
+
+def test_a_team_smaller_than_the_threads_asked_for_steals_the_missing_slices(tmp_path):
+    """With OMP_THREAD_LIMIT=1 the kernel asks for two threads and gets one: that thread takes the
+    other's slices too (the schedule never waits for a thread that does not come), with the bits of
+    a one-thread step."""
+    code = _STEAL_CODE.format(tests=str(Path(__file__).parent))
+    for limit, out in (("1", tmp_path / "limited.pt"), ("", tmp_path / "free.pt")):
+        env = {key: value for key, value in os.environ.items() if key != "OMP_THREAD_LIMIT"}
+        if limit:
+            env["OMP_THREAD_LIMIT"] = limit
+        run = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+    assert _equal(torch.load(tmp_path / "limited.pt"), torch.load(tmp_path / "free.pt"))
