@@ -14,7 +14,8 @@ Method (the same as the measurements in ``docs/performance.md``):
   max, with a warning when it exceeded the CPU count: other programs then competed for the CPUs,
   so the absolute times are unreliable (the ratios between the interleaved rows much less so).
 * "eff. GB/s" uses the minimal traffic: SGD with momentum 20 bytes/param (read w, g, b; write w, b),
-  LARS 28 (w and g read twice); the probe ``a.add_(b)`` on one flat tensor moves 12.
+  LARS 28 (w and g read twice), 24 with ``carry_weight_norms`` (g read twice); the probe ``a.add_(b)`` on one
+  flat tensor moves 12.
 * "faults/step" are the minor page faults of the process per step (``getrusage``): a step that
   allocates fresh memory proportional to the model shows thousands.
 * Hyper-parameters: lr 0.1, momentum 0.9, weight decay 5e-5, trust coefficient 0.001, eps 1e-8.
@@ -166,6 +167,10 @@ def build_rows(set_name: str, dtype: torch.dtype) -> list[Row]:
         label = f"larsopt impl={impl}" + (f" (= {functional.resolve_impl(impl)})" if impl == "auto" else "")
         rows.append(_optimizer_row(label, 28, lambda params, impl=impl: LARS(params, impl=impl, **lars_options),
                                    shapes, dtype, grads))
+    # (24 bytes/param: the norm pass reads the gradient only)
+    rows.append(_optimizer_row("larsopt carry_weight_norms=True", 24,
+                               lambda params: LARS(params, carry_weight_norms=True, **lars_options), shapes, dtype, grads,
+                               note="opt-in: the sum of w^2 carried from the previous update"))
 
     timm_lars, why = _load_timm_lars()
     for foreach in (False, True):
