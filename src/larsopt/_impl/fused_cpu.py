@@ -21,10 +21,11 @@ the cache) is never loaded, but rebuilt. Without a home directory, or where the 
 writable, the library is built in a private folder under the temporary directory. When it cannot
 be built at all, the first use warns once (``UserWarning``) with the reason.
 
-A child made by ``fork()`` after the kernel opened an OpenMP parallel region runs the kernel on one
-thread: GNU libgomp's workers do not exist in the child, and a parallel region there would wait
-for them forever (torch's own parallel ops do, in such a child). The kernel opens no parallel
-region for a call under 32768 elements, or on one thread.
+A child made by ``fork()`` runs the kernel on one thread: the OpenMP runtime is torch's own
+libgomp, whose workers (started by any parallel op of the parent, torch's or the kernel's) do not
+exist in the child, and a parallel region there would wait for them forever (torch's own parallel
+ops do, in such a child). The kernel opens no parallel region for a call under 2^18 elements, or
+on one thread.
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-sh
 _library: ctypes.CDLL | None = None
 _library_error: str | None = None
 _lock = threading.Lock()
-_forked = False  # in a child forked after the kernel opened a parallel region: it runs on one thread
+_forked = False  # in a forked child: the kernel runs on one thread
+_carry_min_numel = 0  # tensors this large get their |w|^2 carried (the kernel's constant, read at load)
 
 
 def _after_fork_in_child() -> None:
-    # The parent's OpenMP pool is gone; a parent that never opened a region had none to lose.
+    # The parent's OpenMP pool is gone. It is torch's own libgomp (loaded first, the kernel links
+    # to it too), so any parallel torch op of the parent may have started it, not only the kernel.
     global _forked
-    _forked = _forked or (_library is not None and _library.larsopt_opened_parallel_region() == 1)
+    _forked = True
 
 
 if hasattr(os, "register_at_fork"):
@@ -216,8 +219,9 @@ def load() -> ctypes.CDLL | None:
             function = library.larsopt_lars_step
             function.restype = ctypes.c_int
             function.argtypes = [ctypes.POINTER(_KernelArgs)]
-            library.larsopt_opened_parallel_region.restype = ctypes.c_int
             library.larsopt_carry_min_numel.restype = ctypes.c_int64
+            global _carry_min_numel
+            _carry_min_numel = library.larsopt_carry_min_numel()
             norms = library.larsopt_sums_of_squares
             norms.restype = ctypes.c_int
             norms.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
@@ -529,21 +533,24 @@ class CarriedWeightNorms:
     param read instead of 20, and gets the same bits (the kernel sums the squares of the weights it
     writes exactly as its norm pass would sum them).
 
-    An entry is used only while the param's version counter, data pointer
-    and storage are those recorded right after the kernel wrote it: any in-place op on the param
-    or a view of it (``copy_`` under ``no_grad``, ``nn.Module.load_state_dict``, ``nn.init``,
-    ``p.detach().mul_()``, another impl's step) bumps the counter, and ``p.data = other`` changes
-    the storage. Writes that bypass the
-    version counter are not seen, and the next step then uses the old |w|: in-place ops on
-    ``p.data`` (``p.data.clamp_()``, ``p.data.copy_()``), ``torch.distributed`` collectives into the
-    param's memory (``dist.broadcast(p)``), and writes through memory shared outside torch
-    (``p.numpy()``, DLPack, ctypes). Only tensors of at least ``larsopt_carry_min_numel()``
-    elements are carried (smaller ones stay in cache between the kernel's two passes: nothing to
-    gain)."""
+    An entry is used only while the param's version counter, data pointer, size and storage are
+    those recorded right after the kernel wrote it: any in-place op on the param or a view of it
+    (``copy_`` under ``no_grad``, ``nn.Module.load_state_dict``, ``nn.init``, ``p.detach().mul_()``,
+    another impl's step) bumps the counter, and ``p.data = other`` changes the storage or the size.
+    Writes through another tensor that shares the param's memory but has a version counter of its
+    own are not seen, and the next step then uses the old |w| (one step's trust ratio; the step
+    after it is right again): in-place ops on ``p.data`` (``p.data.clamp_()``, ``p.data.copy_()``)
+    or on a tensor ``p.data`` was set to (``vector_to_parameters``' flat vector), tensors aliasing it
+    through ``set_``, ``untyped_storage()`` writes, ``torch.distributed`` collectives into the
+    param's memory (``dist.broadcast(p)``), and writes from outside torch (``p.numpy()``, DLPack,
+    ctypes, another process through shared memory). Only tensors of at least
+    ``larsopt_carry_min_numel()`` elements are carried (smaller ones stay in cache between the
+    kernel's two passes: nothing to gain)."""
 
     def __init__(self) -> None:
-        # param -> (|w|^2, version, data pointer, storage): torch keeps one Python object per live
-        # storage, so a weak reference to it tells a new storage apart even at the same address.
+        # param -> (|w|^2, version, data pointer, numel, storage): torch keeps one Python object per
+        # live storage, so a weak reference to it tells a new storage apart even at the same
+        # address; numel catches `p.data = p.data[:k]` (same storage, pointer and version).
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def clear(self) -> None:
@@ -552,12 +559,12 @@ class CarriedWeightNorms:
     def before(self, params: list[Tensor]) -> ctypes.Array:
         """The kernel's ``weight_sums_in`` for ``params``: each one's carried |w|^2, -1 where none is valid."""
         carried = (ctypes.c_double * len(params))(*itertools.repeat(-1.0, len(params)))
-        entries, minimum = self._entries, _library.larsopt_carry_min_numel()
+        entries, minimum = self._entries, _carry_min_numel
         for i, param in enumerate(params):
             if param.numel() >= minimum:
                 entry = entries.get(param)
                 if entry is not None and entry[1] == param._version and entry[2] == param.data_ptr() \
-                        and entry[3]() is param.untyped_storage():
+                        and entry[3] == param.numel() and entry[4]() is param.untyped_storage():
                     carried[i] = entry[0]
         return carried
 
@@ -570,7 +577,8 @@ class CarriedWeightNorms:
         for i, param in enumerate(params):
             value = sums[i]
             if not value < 0:  # (-1: none; a NaN |w|^2 is carried as it is)
-                entries[param] = (value, param._version, param.data_ptr(), weakref.ref(param.untyped_storage()))
+                entries[param] = (value, param._version, param.data_ptr(), param.numel(),
+                                  weakref.ref(param.untyped_storage()))
 
 
 def step(

@@ -3,13 +3,15 @@
 // Built at first use by larsopt/_impl/fused_cpu.py and called through ctypes. The formulas are
 // those of larsopt/_impl/reference.py, written element by element in the same order of
 // operations (no FMA contraction: the build uses -ffp-contract=off), so results match the
-// reference up to the summation order of the norms.
+// reference up to the summation order of the norms (and, in float64, the last bit of a norm's
+// square root: torch's vectorised float64 sqrt, which the reference and the two-phase sharded
+// step take, is not always correctly rounded; std::sqrt is).
 //
 // Memory traffic: a tensor processed whole by one thread has its two passes back to back: pass 1
 // reads w and g for the norms, pass 2 reads them again (from cache, for tensors whose w + g fit in
 // it) with the momentum buffer and writes w and the buffer: SGD's 20 bytes/param of DRAM traffic
 // instead of LARS's 28. With |w|^2 carried from the previous step (weight_sums_in), pass 1 reads
-// g only. Nothing is allocated but the schedule's small arrays.
+// g only. Nothing is allocated but the schedule's arrays (a few numbers per tensor).
 //
 // Schedule (one parallel region per call, no barrier in it): a tensor of kSharedNumel elements or
 // more is shared by the threads, slice k (whole chunks) being thread k's for both passes, so the
@@ -20,9 +22,8 @@
 // ready: a thread the machine takes away delays the step by the slice it is in, not by all of
 // its share. A call with fewer than kParallelNumel elements in all, or with threads == 1,
 // opens no OpenMP parallel region at all: waking threads costs more than it saves there (and
-// much more on a busy machine), and GNU libgomp's thread pool does not survive fork(), so a child
-// forked after a region was opened (which the caller then runs with one thread) must never
-// enter one.
+// much more on a busy machine), and GNU libgomp's thread pool does not survive fork(), so a
+// forked child (which the caller runs with one thread) must never enter one.
 //
 // Norms: squares are summed over blocks of kBlock elements in kLanes float lanes added in a fixed
 // order, blocks in double within chunks of kChunk elements, and chunks in double in order. The
@@ -402,10 +403,6 @@ namespace {
 
 enum Phase : int { kWhole = 0, kNorms = 1, kUpdate = 2 };
 
-// Whether this process (or the one it was forked from) has opened a parallel region, and so has
-// an OpenMP thread pool that a forked child does not get.
-std::atomic<bool> opened_parallel_region{false};
-
 // Runs body() on `threads` OpenMP threads, or once on the calling thread without touching OpenMP
 // when threads == 1 (see "Schedule" above).
 template <typename Body>
@@ -414,7 +411,6 @@ void run_threads(int threads, const Body& body) {
     body();
     return;
   }
-  opened_parallel_region.store(true, std::memory_order_relaxed);
 #pragma omp parallel num_threads(threads)
   body();
 }
@@ -586,6 +582,9 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
   std::atomic<bool> gave_up{false};
   run_threads(threads, [&]() {
     const int me = threads == 1 ? 0 : omp_get_thread_num();
+    if (threads > 1 && omp_get_num_threads() < threads) {
+      gave_up.store(true, std::memory_order_relaxed);  // a smaller team than asked for: nobody to wait for
+    }
     std::vector<int64_t> mine;  // shared tensors whose slice `me` had its norms and awaits its update
     int64_t next_norm = 0;
     for (;;) {
@@ -696,8 +695,6 @@ extern "C" int64_t larsopt_kernel_args_size() { return static_cast<int64_t>(size
 
 // Tensors of at least this many elements get their |w|^2 in weight_sums_out.
 extern "C" int64_t larsopt_carry_min_numel() { return kCarryMinNumel; }
-
-extern "C" int larsopt_opened_parallel_region() { return opened_parallel_region.load() ? 1 : 0; }
 
 // The sum of squares of each of `count` dense tensors of one dtype (0 float32, 1 float64,
 // 2 bfloat16, 3 float16), as doubles, into sums_out. Returns 0, or 1 for an unknown dtype.
