@@ -80,8 +80,9 @@ def resolve_impl(impl: str) -> str:
     """The implementation ``impl="auto"`` stands for: ``"fused"``.
 
     Why (measurements in ``docs/performance.md``, 2-core CPU): the fused CPU kernel runs a step in
-    1.2-1.4x the time of ``torch.optim.SGD(fused=True)`` on ResNet-50 and BERT-base shapes (a LARS
-    step must read weights and gradients twice), 12-20x faster than ``"foreach"`` and
+    1.2-1.5x the time of ``torch.optim.SGD(fused=True)`` on ResNet-50 and BERT-base shapes (a LARS
+    step must read weights and gradients twice), 0.35-0.45x on a machine busy with other programs,
+    10-20x faster than ``"foreach"`` and
     ``"reference"`` there, and allocates nothing. Its one-time build takes about 2-3 s and is
     cached on disk (milliseconds to load afterwards), inside the budget of 10 s for a cold first
     step and 3 s for a warm one; nothing is compiled per model, shape or lr value. On other
