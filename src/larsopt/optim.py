@@ -93,12 +93,13 @@ class LARS(Optimizer):
             the last step (:meth:`telemetry`, :mod:`larsopt.telemetry`).
         carry_weight_norms: the fused CPU kernel keeps each large param's |w|^2 from its update
             for the next step's norms, which then read only the gradient: the same numbers with
-            a fifth less memory read (ResNet-50 and BERT-base steps 10-20% faster). Opt-in, because
-            writes to a param that bypass its version counter between steps are not seen and
-            the next step would use the old |w|: in-place ops on ``p.data``, ``torch.distributed``
-            collectives into the param, writes through ``p.numpy()``/DLPack. Everything else
-            (in-place ops on the param under ``no_grad``, ``load_state_dict`` of the model,
-            ``nn.init``, ``p.data = other``) is detected (:class:`larsopt.functional.CarriedWeightNorms`).
+            a fifth less memory read (ResNet-50 and BERT-base steps 0-25% faster in the measured
+            runs: docs/performance.md). Opt-in, because writes to a param through another tensor
+            with a version counter of its own are not seen, and the next step would use the old
+            |w|: in-place ops on ``p.data``, ``torch.distributed`` collectives into the param,
+            writes through ``p.numpy()``/DLPack. In-place ops on the param or its views, model
+            ``load_state_dict``, ``nn.init`` and ``p.data = other`` are detected
+            (:class:`larsopt.functional.CarriedWeightNorms` lists both).
             Not used for DTensor params, under torch.compile or on other paths.
         dampening: torch SGD's momentum dampening d: the buffer takes (1 - d) of each update.
         buffer_start: a first step's buffer: ``"update"`` (the update itself, undampened: torch SGD)
