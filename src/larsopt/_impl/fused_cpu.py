@@ -31,7 +31,6 @@ on one thread.
 from __future__ import annotations
 
 import ctypes
-import operator
 import hashlib
 import itertools
 import math
@@ -280,32 +279,6 @@ def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | Non
     if not param.is_contiguous(memory_format=torch.channels_last):
         return False
     return _same_layout(param, grad) and (buf is None or _same_layout(param, buf))
-
-
-_dtype_of, _shape_of = operator.attrgetter("dtype"), operator.attrgetter("shape")
-_is_cpu, _is_sparse, _requires_grad = (operator.attrgetter(name) for name in ("is_cpu", "is_sparse", "requires_grad"))
-_PLAIN_TYPE_SET = frozenset(PLAIN_TYPES)
-
-
-def _all_covered(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor] | None,
-                 masters: Sequence[Tensor | None], options: LarsOptions, autograd_sees: bool) -> bool:
-    """Whether :func:`covers` holds for every tensor, all contiguous and of one dtype: the common
-    case, checked list by list with C-level iteration (a few times cheaper per tensor than
-    tensor by tensor, which matters with thousands of small tensors). False says nothing:
-    the caller then checks tensor by tensor."""
-    lists = (params, grads) if buffers is None else (params, grads, buffers)
-    dtypes = set(map(_dtype_of, params))
-    if len(dtypes) != 1 or any(set(map(type, tensors)) - _PLAIN_TYPE_SET for tensors in lists) \
-            or list(masters).count(None) != len(masters):
-        return False
-    dtype = dtypes.pop()
-    if dtype not in _DTYPE_CODES or (dtype is torch.bfloat16 and options.stochastic_rounding) \
-            or any(map(_is_sparse, grads)):
-        return False
-    shapes = list(map(_shape_of, params))
-    return all(set(map(_dtype_of, tensors)) == {dtype} and all(map(_is_cpu, tensors))
-               and all(map(Tensor.is_contiguous, tensors)) and list(map(_shape_of, tensors)) == shapes
-               and not (autograd_sees and any(map(_requires_grad, tensors))) for tensors in lists)
 
 
 class _KernelArgs(ctypes.Structure):
@@ -615,14 +588,7 @@ def step(
     batches: dict[torch.dtype, _Batch] = {}
     rest: list[int] = []
     use_momentum = options.momentum != 0
-    to_sort = params
-    if not compiling and _all_covered(params, grads, momentum_buffers if use_momentum else None, master_params,
-                                      options, autograd_sees):
-        batch = batches[params[0].dtype] = _Batch()
-        batch.indices, batch.params, batch.grads = list(range(len(params))), list(params), list(grads)
-        batch.buffers = list(momentum_buffers) if use_momentum else []
-        to_sort = ()
-    for i, param in enumerate(to_sort):
+    for i, param in enumerate(params):
         grad = grads[i]
         buf = momentum_buffers[i] if use_momentum else None
         if not covers(param, grad, buf, master_params[i], options) or autograd_sees and (

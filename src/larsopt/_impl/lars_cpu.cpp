@@ -578,7 +578,7 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     return true;
   };
 
-  std::atomic<int64_t> next_run{0};
+  Counter next_run(int64_t(runs.size()));
   std::atomic<bool> gave_up{false};
   run_threads(threads, [&]() {
     const int me = threads == 1 ? 0 : omp_get_thread_num();
@@ -611,8 +611,8 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
       mine.erase(std::remove_if(mine.begin(), mine.end(), [&](int64_t s) { return try_update(s, me); }), mine.end());
       if (next_norm < int64_t(shared.size())) continue;
       // 2. the whole tensors, whoever is free
-      const int64_t run = next_run.fetch_add(1, std::memory_order_relaxed);
-      if (run < int64_t(runs.size())) {
+      const int64_t run = next_run.next();
+      if (run >= 0) {
         run_whole(runs[run].first, runs[run].second);
         continue;
       }
