@@ -10,7 +10,8 @@
 // Memory traffic: a tensor processed whole by one thread has its two passes back to back: pass 1
 // reads w and g for the norms, pass 2 reads them again (from cache, for tensors whose w + g fit in
 // it) with the momentum buffer and writes w and the buffer: SGD's 20 bytes/param of DRAM traffic
-// instead of LARS's 28. With |w|^2 carried from the previous step (weight_sums_in), pass 1 reads
+// instead of LARS's 28. Pass 2 walks the chunks last to first, so a tensor too large for the
+// caches still finds the part pass 1 read last in them. With |w|^2 carried from the previous step (weight_sums_in), pass 1 reads
 // g only. Nothing is allocated but the schedule's arrays (a few numbers per tensor).
 //
 // Schedule (one parallel region per call, no barrier in it): a tensor of kSharedNumel elements or
@@ -43,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -331,25 +333,26 @@ void sums(const T* w, const T* g, int64_t begin, int64_t end, const Hyper& h, bo
   if (h.trust_update) out[2] = out[1];  // wd == 0: g + wd * w is g
 }
 
-// The update of [begin, end) (whole chunks of one tensor). With `written`, also adds there the
-// sum of squares of the weights it writes, block by block right after writing them (from L1) and
-// chunk by chunk, exactly as the next norm pass would sum them.
+// The update of [begin, end) (whole chunks of one tensor), last chunk first: the norm pass has
+// just read the range first to last, so its end is what the caches still hold. With `written`,
+// also stores there, one per chunk, the sum of squares of the weights it writes, summed block by
+// block right after writing them (from L1) exactly as the next norm pass would sum them.
 template <typename T>
 void update_chunks(UpdateFn<T> update, T* w, const T* g, T* b, int64_t begin, int64_t end,
                    typename Compute<T>::type lam, const Hyper& h, double* written) {
-  if (written == nullptr) {
-    update(w, g, b, begin, end, lam, h);
-    return;
-  }
-  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
-    const int64_t chunk_end = chunk + kChunk < end ? chunk + kChunk : end;
+  for (int64_t c = (end - begin + kChunk - 1) / kChunk - 1; c >= 0; --c) {
+    const int64_t chunk = begin + c * kChunk, chunk_end = chunk + kChunk < end ? chunk + kChunk : end;
+    if (written == nullptr) {
+      update(w, g, b, chunk, chunk_end, lam, h);
+      continue;
+    }
     double sum = 0;
     for (int64_t start = chunk; start < chunk_end; start += kBlock) {
       const int64_t stop = start + kBlock < chunk_end ? start + kBlock : chunk_end;
       update(w, g, b, start, stop, lam, h);
       sum += block_sum_of_squares(w, start, stop);
     }
-    *written += sum;
+    written[c] = sum;
   }
 }
 
@@ -532,9 +535,10 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
         for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
         continue;
       }
-      double written = 0;
-      update_chunks(update, w, g, buffer<T>(a.buffers, t), 0, n, ratio(t, totals), h, writes_sum(t) ? &written : nullptr);
-      if (writes_sum(t)) a.weight_sums_out[t] = written;
+      std::vector<double> written(writes_sum(t) ? (n + kChunk - 1) / kChunk : 0);  // per chunk
+      update_chunks(update, w, g, buffer<T>(a.buffers, t), 0, n, ratio(t, totals), h,
+                    writes_sum(t) ? written.data() : nullptr);
+      if (writes_sum(t)) a.weight_sums_out[t] = std::accumulate(written.begin(), written.end(), 0.0);  // in order
     }
   };
   // The norms of slice k of shared tensor s (its task already claimed); the last slice summed
@@ -563,12 +567,9 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     const Shared& sh = shared[s];
     const int64_t t = sh.tensor;
     const auto [first, last] = slice(sh, k);
-    T* w = static_cast<T*>(a.params[t]);
-    for (int64_t c = first; c < last; ++c) {
-      update_chunks(update, w, static_cast<const T*>(a.grads[t]), buffer<T>(a.buffers, t), c * kChunk,
-                    std::min((c + 1) * kChunk, numels[t]), shared_lam[s], h,
-                    writes_sum(t) ? &chunk_written[sh.first + c] : nullptr);
-    }
+    update_chunks(update, static_cast<T*>(a.params[t]), static_cast<const T*>(a.grads[t]), buffer<T>(a.buffers, t),
+                  first * kChunk, std::min(last * kChunk, numels[t]), shared_lam[s], h,
+                  writes_sum(t) ? &chunk_written[sh.first + first] : nullptr);
     updates_left.fetch_sub(1, std::memory_order_acq_rel);
   };
   auto try_update = [&](int64_t s, int k) -> bool {  // runs it if ready and not taken; true if it is done or taken
