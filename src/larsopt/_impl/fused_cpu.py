@@ -256,29 +256,34 @@ SUPPORTED = {
 }
 
 
-def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | None, options: LarsOptions) -> bool:
-    """Whether the kernel computes this tensor's step exactly like the reference (given :data:`SUPPORTED`).
+def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | None,
+           options: LarsOptions) -> torch.dtype | None:
+    """The dtype in which the kernel steps this tensor exactly like the reference (given
+    :data:`SUPPORTED`), or ``None`` where it does not.
 
     The kernel walks the storage of param, grad and buffer as flat arrays in the same order, so
     they must be plain dense CPU tensors laid out alike (any dense layout works: the norms do not
     depend on the order and the update is element-wise). It runs once per tensor per step, so the
-    common case (all contiguous) is checked first and cheaply.
+    common case (all contiguous) is checked first, reading each attribute once.
     """
-    # (the type tests inline, and dtypes compared by identity: this runs for every tensor of every step)
+    # (the type tests inline, and dtypes compared by identity: this runs for every tensor of every
+    # step, and on many tensors each attribute read is a cache miss on the tensor's metadata)
     if type(param) not in PLAIN_TYPES or type(grad) not in PLAIN_TYPES or (
             buf is not None and type(buf) not in PLAIN_TYPES):
-        return False  # a tensor subclass (DTensor's data_ptr() is 0) is not memory the kernel can walk
+        return None  # a tensor subclass (DTensor's data_ptr() is 0) is not memory the kernel can walk
     # (step() has handed on every tensor of a call made under a torch.func transform)
     dtype = param.dtype
     if master is not None or grad.dtype is not dtype or dtype not in _DTYPE_CODES or not param.is_cpu \
             or grad.is_sparse or (dtype is torch.bfloat16 and options.stochastic_rounding):
-        return False
+        return None
     if param.is_contiguous() and grad.is_contiguous() and (buf is None or buf.is_contiguous()):
-        return grad.shape == param.shape and (buf is None or (buf.dtype == dtype and buf.shape == param.shape
-                                                              and buf.is_cpu))
+        shape = param.shape
+        if grad.shape == shape and (buf is None or (buf.dtype is dtype and buf.shape == shape and buf.is_cpu)):
+            return dtype
+        return None
     if not param.is_contiguous(memory_format=torch.channels_last):
-        return False
-    return _same_layout(param, grad) and (buf is None or _same_layout(param, buf))
+        return None
+    return dtype if _same_layout(param, grad) and (buf is None or _same_layout(param, buf)) else None
 
 
 class _KernelArgs(ctypes.Structure):
@@ -471,11 +476,8 @@ def sums_of_squares(tensors: Sequence[Tensor]) -> Tensor | None:
 class _Batch:
     """The tensors of one dtype for one kernel call, and their positions in the caller's lists."""
 
-    def __init__(self) -> None:
-        self.indices: list[int] = []
-        self.params: list[Tensor] = []
-        self.grads: list[Tensor] = []
-        self.buffers: list[Tensor] = []
+    def __init__(self, indices: list[int], params: list[Tensor], grads: list[Tensor], buffers: list[Tensor]) -> None:
+        self.indices, self.params, self.grads, self.buffers = indices, params, grads, buffers  # (buffers: [] without momentum)
 
     def run(self, options: LarsOptions, phase: int, grad_scale: Tensor | None, found_inf: Tensor | None,
             sums_out: Tensor | None = None, trust_in: Tensor | None = None, stats_out: Tensor | None = None,
@@ -585,24 +587,31 @@ def step(
     # refuses it, for a leaf), as with the other impls. LARS.step runs under no_grad.
     autograd_sees = not compiling and torch.is_grad_enabled()
 
+    use_momentum = options.momentum != 0
+    buffers = momentum_buffers if use_momentum else itertools.repeat(None, len(params))
+    dtypes = list(map(covers, params, grads, buffers, master_params, itertools.repeat(options, len(params))))
     batches: dict[torch.dtype, _Batch] = {}
     rest: list[int] = []
-    use_momentum = options.momentum != 0
-    for i, param in enumerate(params):
-        grad = grads[i]
-        buf = momentum_buffers[i] if use_momentum else None
-        if not covers(param, grad, buf, master_params[i], options) or autograd_sees and (
-                param.requires_grad or grad.requires_grad or (buf is not None and buf.requires_grad)):
-            rest.append(i)
-            continue
-        batch = batches.get(param.dtype)
-        if batch is None:
-            batch = batches[param.dtype] = _Batch()
-        batch.indices.append(i)
-        batch.params.append(param)
-        batch.grads.append(grad)
-        if use_momentum:
-            batch.buffers.append(buf)
+    if not autograd_sees and dtypes and dtypes[0] is not None and dtypes.count(dtypes[0]) == len(dtypes):
+        # the common case: one kernel call over all of them, the lists as given
+        batches[dtypes[0]] = _Batch(list(range(len(params))), list(params), list(grads),
+                                    list(momentum_buffers) if use_momentum else [])
+    else:
+        for i, dtype in enumerate(dtypes):
+            param, grad = params[i], grads[i]
+            buf = momentum_buffers[i] if use_momentum else None
+            if dtype is None or autograd_sees and (
+                    param.requires_grad or grad.requires_grad or (buf is not None and buf.requires_grad)):
+                rest.append(i)
+                continue
+            batch = batches.get(dtype)
+            if batch is None:
+                batch = batches[dtype] = _Batch([], [], [], [])
+            batch.indices.append(i)
+            batch.params.append(param)
+            batch.grads.append(grad)
+            if use_momentum:
+                batch.buffers.append(buf)
     if batches and not _kernel_available():
         return list(range(len(params)))
 
