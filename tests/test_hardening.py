@@ -317,6 +317,20 @@ def test_a_real_inf_or_nan_still_falls_back(impl, bad):
 # 8. functional.lars under autograd and transforms -------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("short", ["grads", "momentum_buffers", "master_params"])
+@pytest.mark.parametrize("grad_mode", [False, True])
+def test_lists_of_other_lengths_than_params_are_refused_with_nothing_changed(impl, short, grad_mode):
+    """The kernel takes one pointer per param from each list: a short list must never reach it."""
+    params = [torch.ones(4), torch.ones(4)]
+    lists = {"grads": [torch.ones(4), torch.ones(4)], "momentum_buffers": [None, None], "master_params": [None, None]}
+    lists[short] = lists[short][:1]
+    with torch.set_grad_enabled(grad_mode), pytest.raises(ValueError, match=f"2 params and 1 {short}"):
+        F.lars(params, lists["grads"], lists["momentum_buffers"], lr=0.1, momentum=0.9,
+               master_params=lists["master_params"], impl=impl)
+    assert all(torch.equal(param, torch.ones(4)) for param in params)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_leaf_that_requires_grad_raises_torch_s_error_in_grad_mode(impl):
     weight = torch.randn(4, 5, requires_grad=True)
     before = weight.detach().clone()

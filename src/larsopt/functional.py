@@ -179,6 +179,12 @@ def lars(
     if carry is not None and not isinstance(carry, CarriedWeightNorms):
         raise ValueError(f"Invalid carry: {type(carry).__name__}; expected a larsopt.functional.CarriedWeightNorms "
                          "or None")
+    lengths = {"grads": len(grads), "momentum_buffers": len(momentum_buffers),
+               "master_params": len(params) if master_params is None else len(master_params)}
+    for name, length in lengths.items():
+        if length != len(params):
+            raise ValueError(f"lars() got {len(params)} params and {length} {name}; expected one entry of {name} "
+                             "per param (no tensor was changed)")
     if not params:
         return
     if master_params is None:

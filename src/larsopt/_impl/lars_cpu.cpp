@@ -11,8 +11,9 @@
 // reads w and g for the norms, pass 2 reads them again (from cache, for tensors whose w + g fit in
 // it) with the momentum buffer and writes w and the buffer: SGD's 20 bytes/param of DRAM traffic
 // instead of LARS's 28. Pass 2 walks the chunks last to first, so a tensor too large for the
-// caches still finds the part pass 1 read last in them. With |w|^2 carried from the previous step (weight_sums_in), pass 1 reads
-// g only. Nothing is allocated but the schedule's arrays (a few numbers per tensor).
+// caches still finds the part pass 1 read last in them. With |w|^2 carried from the previous step
+// (weight_sums_in), pass 1 reads g only. Nothing is allocated but the schedule's arrays (a few
+// numbers per tensor or chunk), before the threads start.
 //
 // Schedule (one parallel region per call, no barrier in it): a tensor of kSharedNumel elements or
 // more is shared by the threads, slice k (whole chunks) being thread k's for both passes, so the
@@ -44,7 +45,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -449,9 +449,9 @@ inline void pause() {
 #endif
 }
 
-// A tensor shared by the threads: slice k (whole chunks [first + k * chunks / threads, ...)) is
-// thread k's, for its norms and its update alike, so the update finds the slice in that core's
-// cache. Its chunks' sums (3 each) and written sums (1 each) start at index `first`.
+// A tensor shared by the threads: slice k (its chunks k * chunks / threads up to
+// (k + 1) * chunks / threads) is thread k's, for its norms and its update alike, so the update finds the slice in that core's
+// cache. Its chunks' sums (3 each) start at index `first` of the step's chunk_sums.
 struct Shared {
   int64_t tensor, first, chunks;
 };
@@ -487,7 +487,13 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     first = last;
   }
   const int64_t tasks = int64_t(shared.size()) * threads;  // one per (shared tensor, slice)
-  std::vector<double> chunk_sums(shared_chunks * 3, 0.0), chunk_written(shared_chunks, 0.0);
+  auto writes_sum = [&](int64_t t) { return a.weight_sums_out != nullptr && numels[t] >= kCarryMinNumel; };
+  // The sums of squares of the weights written, one per chunk: tensor t's from written_first[t].
+  std::vector<int64_t> written_first(a.weight_sums_out != nullptr ? count + 1 : 0, 0);
+  for (int64_t t = 0; t + 1 < int64_t(written_first.size()); ++t) {
+    written_first[t + 1] = written_first[t] + (writes_sum(t) ? (numels[t] + kChunk - 1) / kChunk : 0);
+  }
+  std::vector<double> chunk_sums(shared_chunks * 3, 0.0), chunk_written(written_first.empty() ? 0 : written_first[count]);
   std::vector<D> shared_lam(shared.size(), D(1));
   // Each norm and update task is claimed once (by its owner, or by a thread that ran out of work).
   std::vector<std::atomic<bool>> norm_claimed(tasks), update_claimed(tasks);
@@ -507,7 +513,6 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
   // (trust_norm "update" with weight decay reads w for |g + wd * w| anyway, and sums |w|^2 with it)
   const bool may_carry = a.weight_sums_in != nullptr && !(h.trust_update && h.has_wd);
   auto carried = [&](int64_t t) { return may_carry && !(a.weight_sums_in[t] < 0); };
-  auto writes_sum = [&](int64_t t) { return a.weight_sums_out != nullptr && numels[t] >= kCarryMinNumel; };
   // One tensor's trust ratio from its sums (or as given), and what the step reports of it.
   auto ratio = [&](int64_t t, const double* totals) -> D {
     if (a.phase == kUpdate) return h.adapt ? D(a.trust_in[t]) : D(1);
@@ -535,10 +540,8 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
         for (int j = 0; j < 3; ++j) a.sums_out[3 * t + j] = totals[j];
         continue;
       }
-      std::vector<double> written(writes_sum(t) ? (n + kChunk - 1) / kChunk : 0);  // per chunk
       update_chunks(update, w, g, buffer<T>(a.buffers, t), 0, n, ratio(t, totals), h,
-                    writes_sum(t) ? written.data() : nullptr);
-      if (writes_sum(t)) a.weight_sums_out[t] = std::accumulate(written.begin(), written.end(), 0.0);  // in order
+                    writes_sum(t) ? &chunk_written[written_first[t]] : nullptr);
     }
   };
   // The norms of slice k of shared tensor s (its task already claimed); the last slice summed
@@ -569,7 +572,7 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     const auto [first, last] = slice(sh, k);
     update_chunks(update, static_cast<T*>(a.params[t]), static_cast<const T*>(a.grads[t]), buffer<T>(a.buffers, t),
                   first * kChunk, std::min(last * kChunk, numels[t]), shared_lam[s], h,
-                  writes_sum(t) ? &chunk_written[sh.first + first] : nullptr);
+                  writes_sum(t) ? &chunk_written[written_first[t] + first] : nullptr);
     updates_left.fetch_sub(1, std::memory_order_acq_rel);
   };
   auto try_update = [&](int64_t s, int k) -> bool {  // runs it if ready and not taken; true if it is done or taken
@@ -639,14 +642,12 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
   });
   if (a.weight_sums_out != nullptr) {
     for (int64_t t = 0; t < count; ++t) {
-      if (!writes_sum(t)) a.weight_sums_out[t] = -1;
-    }
-    if (updates) {
-      for (const Shared& sh : shared) {
-        if (!writes_sum(sh.tensor)) continue;
-        double written = 0;
-        for (int64_t c = 0; c < sh.chunks; ++c) written += chunk_written[sh.first + c];
-        a.weight_sums_out[sh.tensor] = written;
+      if (!writes_sum(t)) {
+        a.weight_sums_out[t] = -1;
+      } else if (updates) {
+        double written = 0;  // (the chunks in order, as the norm pass adds them)
+        for (int64_t c = written_first[t]; c < written_first[t + 1]; ++c) written += chunk_written[c];
+        a.weight_sums_out[t] = written;
       }
     }
   }
