@@ -132,7 +132,9 @@ def lars(
 
     Args:
         params: the tensors to update.
-        grads: their gradients (dense, or sparse COO with ``sparse_dim == 1``), read only.
+        grads: their gradients (dense, or sparse COO with ``sparse_dim == 1``), read only. These
+            lists, ``momentum_buffers`` and ``master_params`` have one entry per param (else
+            ``ValueError``, nothing changed).
         momentum_buffers: one entry per param; unused (``None``) when ``momentum == 0``. With
             momentum, a ``None`` entry is a first step: the buffer is created in the list (in the
             param's dtype, float32 with a master copy) and starts as the first update itself, as in
