@@ -189,19 +189,22 @@ def test_a_bad_setting_or_carry_is_refused():
         F.lars(params, [p.grad for p in params], [None] * len(params), lr=0.1, carry={})
 
 
-def test_one_thread_and_two_give_the_same_bits():
+@pytest.mark.parametrize("carry", [False, True])
+def test_every_thread_count_gives_the_same_bits(carry):
     """The kernel's sums are added in a fixed order (lanes, blocks, chunks), whatever the threads
-    and the schedule: the step is bit-reproducible across thread counts."""
+    and the schedule: the step is bit-reproducible across thread counts, 5 threads included (more
+    threads than the 3-chunk tensors have chunks: slices without a chunk)."""
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 5):
         torch.set_num_threads(threads)
         params = _params()
-        optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.01, telemetry=True)
+        optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.01, telemetry=True,
+                                 carry_weight_norms=carry)
         for step in range(3):
             _set_grads(params, seed=step)
             optimizer.step()
         results.append(params)
-    assert _equal(*results)
+    assert _equal(results[0], results[1]) and _equal(results[0], results[2])
 
 
 _STEAL_CODE = """
