@@ -264,7 +264,7 @@ def covers(param: Tensor, grad: Tensor, buf: Tensor | None, master: Tensor | Non
     The kernel walks the storage of param, grad and buffer as flat arrays in the same order, so
     they must be plain dense CPU tensors laid out alike (any dense layout works: the norms do not
     depend on the order and the update is element-wise). It runs once per tensor per step, so the
-    common case (all contiguous) is checked first, reading each attribute once.
+    common case (all contiguous) is checked first, reading each attribute it needs once.
     """
     # (the type tests inline, and dtypes compared by identity: this runs for every tensor of every
     # step, and on many tensors each attribute read is a cache miss on the tensor's metadata)
@@ -593,7 +593,7 @@ def step(
     batches: dict[torch.dtype, _Batch] = {}
     rest: list[int] = []
     if not autograd_sees and dtypes and dtypes[0] is not None and dtypes.count(dtypes[0]) == len(dtypes):
-        # the common case: one kernel call over all of them, the lists as given
+        # the common case: one kernel call over all of them, no per-tensor grouping
         batches[dtypes[0]] = _Batch(list(range(len(params))), list(params), list(grads),
                                     list(momentum_buffers) if use_momentum else [])
     else:
