@@ -477,7 +477,8 @@ class _Batch:
     """The tensors of one dtype for one kernel call, and their positions in the caller's lists."""
 
     def __init__(self, indices: list[int], params: list[Tensor], grads: list[Tensor], buffers: list[Tensor]) -> None:
-        self.indices, self.params, self.grads, self.buffers = indices, params, grads, buffers  # (buffers: [] without momentum)
+        self.indices, self.params, self.grads = indices, params, grads
+        self.buffers = buffers  # (empty without momentum)
 
     def run(self, options: LarsOptions, phase: int, grad_scale: Tensor | None, found_inf: Tensor | None,
             sums_out: Tensor | None = None, trust_in: Tensor | None = None, stats_out: Tensor | None = None,

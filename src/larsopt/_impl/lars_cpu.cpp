@@ -450,8 +450,9 @@ inline void pause() {
 }
 
 // A tensor shared by the threads: slice k (its chunks k * chunks / threads up to
-// (k + 1) * chunks / threads) is thread k's, for its norms and its update alike, so the update finds the slice in that core's
-// cache. Its chunks' sums (3 each) start at index `first` of the step's chunk_sums.
+// (k + 1) * chunks / threads) is thread k's, for its norms and its update alike, so the update
+// finds the slice in that core's cache. Its chunks' sums (3 each) start at index `first` of the
+// step's chunk_sums.
 struct Shared {
   int64_t tensor, first, chunks;
 };
@@ -493,7 +494,8 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
   for (int64_t t = 0; t + 1 < int64_t(written_first.size()); ++t) {
     written_first[t + 1] = written_first[t] + (writes_sum(t) ? (numels[t] + kChunk - 1) / kChunk : 0);
   }
-  std::vector<double> chunk_sums(shared_chunks * 3, 0.0), chunk_written(written_first.empty() ? 0 : written_first[count]);
+  std::vector<double> chunk_sums(shared_chunks * 3, 0.0);
+  std::vector<double> chunk_written(written_first.empty() ? 0 : written_first[count]);
   std::vector<D> shared_lam(shared.size(), D(1));
   // Each norm and update task is claimed once (by its owner, or by a thread that ran out of work).
   std::vector<std::atomic<bool>> norm_claimed(tasks), update_claimed(tasks);
