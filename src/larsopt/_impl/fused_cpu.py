@@ -537,10 +537,11 @@ class CarriedWeightNorms:
         carried = (ctypes.c_double * len(params))(*itertools.repeat(-1.0, len(params)))
         entries, minimum = self._entries, _carry_min_numel
         for i, param in enumerate(params):
-            if param.numel() >= minimum:
+            numel = param.numel()
+            if numel >= minimum:
                 entry = entries.get(param)
                 if entry is not None and entry[1] == param._version and entry[2] == param.data_ptr() \
-                        and entry[3] == param.numel() and entry[4]() is param.untyped_storage():
+                        and entry[3] == numel and entry[4]() is param.untyped_storage():
                     carried[i] = entry[0]
         return carried
 
