@@ -21,9 +21,11 @@ from larsopt._impl import fused_cpu
 
 pytestmark = pytest.mark.skipif(fused_cpu.load() is None, reason=f"no C++ kernel: {fused_cpu.unavailable_reason()}")
 
-# Three tensors shared by the kernel's threads and carried (2**17 elements and more; partial last
-# chunks and blocks), one taken whole and too small to carry.
-SHAPES = [((1 << 20) + 4_099,), (512, 300), (150_001,), (33, 7)]
+# Two tensors shared by the kernel's threads (2**21 elements and more, larsopt_shared_min_numel()),
+# two taken whole, all four carried (2**17 and more; partial last chunks and blocks), and one too
+# small to carry.
+SHAPES = [((1 << 21) + 4_099,), (1450, 1451), (150_001,), (512, 300), (33, 7)]
+CARRIED = {0, 1, 2, 3}
 
 
 def _params(dtype=torch.float32, seed=0):
@@ -78,11 +80,12 @@ def test_carried_norms_give_the_same_bits(dtype, options, threads):
 def test_only_large_tensors_are_carried(threads):
     _, _, carried, carried_opt = _pair()
     _steps(*_pair()[:2], carried, carried_opt, 1)
-    minimum = fused_cpu.load().larsopt_carry_min_numel()
+    minimum, shared = fused_cpu.load().larsopt_carry_min_numel(), fused_cpu.load().larsopt_shared_min_numel()
+    assert [p.numel() >= shared for p in carried] == [True, True, False, False, False]  # both kernel loops
     entries = carried_opt._carried_weight_norms._entries
     assert {i for i, p in enumerate(carried) if p in entries} == {i for i, p in enumerate(carried)
-                                                                   if p.numel() >= minimum} == {0, 1, 2}
-    for param in carried[:3]:  # the carried value is |w|^2 of the weights as written (float blocks: ~1e-10)
+                                                                   if p.numel() >= minimum} == CARRIED
+    for param in carried[:len(CARRIED)]:  # the carried value is |w|^2 of the weights as written (float blocks: ~1e-10)
         assert entries[param][0] == pytest.approx(param.double().square().sum().item(), rel=1e-8)
 
 
@@ -115,7 +118,7 @@ def _write_detectably(kind: str, params: list[torch.nn.Parameter], index: int) -
 @pytest.mark.parametrize("kind", ["in-place under no_grad", "detach().add_()", "a view", "nn.init",
                                   "module load_state_dict", "p.data = other", "p.data = a narrower view",
                                   "p.data = other, twice"])
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 2], ids=["shared", "whole"])
 def test_writes_between_steps_are_detected(kind, index, threads):
     # (a param that changes size cannot keep its momentum buffer)
     plain, plain_opt, carried, carried_opt = _pair(**({"momentum": 0.0} if "narrower" in kind else {}))
@@ -158,7 +161,7 @@ def test_an_amp_skipped_step_keeps_the_carried_norms():
     _steps(plain, plain_opt, carried, carried_opt, 1, seed=7)
     assert _equal(before, carried)
     entries = carried_opt._carried_weight_norms._entries
-    assert all(entries[p][1] == p._version for p in carried[:3])  # still valid after the skipped step
+    assert all(entries[p][1] == p._version for p in carried[:len(CARRIED)])  # still valid after the skipped step
     for optimizer in (plain_opt, carried_opt):
         optimizer.found_inf = torch.tensor(0.0)
     _steps(plain, plain_opt, carried, carried_opt, 2, seed=8)
@@ -192,10 +195,10 @@ def test_a_bad_setting_or_carry_is_refused():
 @pytest.mark.parametrize("carry", [False, True])
 def test_every_thread_count_gives_the_same_bits(carry):
     """The kernel's sums are added in a fixed order (lanes, blocks, chunks), whatever the threads
-    and the schedule: the step is bit-reproducible across thread counts, 5 threads included (more
-    threads than the 3-chunk tensors have chunks: slices without a chunk)."""
+    and the schedule: the step is bit-reproducible across thread counts, 40 included (more threads
+    than the 33-chunk shared tensors have chunks: slices without a chunk, as on a large server)."""
     results = []
-    for threads in (1, 2, 5):
+    for threads in (1, 2, 5, 40):
         torch.set_num_threads(threads)
         params = _params()
         optimizer = larsopt.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.01, telemetry=True,
@@ -204,7 +207,7 @@ def test_every_thread_count_gives_the_same_bits(carry):
             _set_grads(params, seed=step)
             optimizer.step()
         results.append(params)
-    assert _equal(results[0], results[1]) and _equal(results[0], results[2])
+    assert all(_equal(results[0], other) for other in results[1:])
 
 
 _STEAL_CODE = """

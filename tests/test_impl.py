@@ -25,9 +25,9 @@ from option_registry import sweep_names_and_values
 FAST_IMPLS = ("foreach", "fused")
 # 1-D .. 4-D, a zero weight and a zero gradient (lam = 1 fallback).
 SHAPES = [(5,), (7, 6), (4, 3, 5), (6, 3, 3, 3), (9,), (3, 4)]
-# Large enough for the fused kernel's threads (2**18 elements in all): two tensors shared by them
-# (2**17 elements and more; partial last chunk and block), one taken whole.
-LARGE_SHAPES = [((1 << 20) + 70_001,), (300, 900), (41_000,)]
+# Large enough for the fused kernel's threads: two tensors shared by them (2**21 elements and more;
+# partial last chunk and block), two taken whole.
+LARGE_SHAPES = [((1 << 21) + 70_001,), (1450, 1451), (300, 900), (41_000,)]
 ZERO_WEIGHT, ZERO_GRAD = 4, 5
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 LRS = (0.5, 0.3, 0.45)  # a tensor lr that changes every step
@@ -158,6 +158,9 @@ def test_master_copies_with_amp_and_mixed_dtypes(impl, norm_source, amp):
 def test_large_tensors_match_reference(dtype):
     """The fused kernel's split tensors and threads (two at least) agree with the reference."""
     weights, grads, buffers = _inputs(dtype, seed=5, shapes=LARGE_SHAPES)
+    if fused_cpu.load() is not None:  # both of the kernel's loops: shared tensors and whole ones
+        numels = [w.numel() for w in weights]
+        assert min(numels) < fused_cpu.load().larsopt_shared_min_numel() <= max(numels)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:

@@ -219,6 +219,7 @@ def load() -> ctypes.CDLL | None:
             function.restype = ctypes.c_int
             function.argtypes = [ctypes.POINTER(_KernelArgs)]
             library.larsopt_carry_min_numel.restype = ctypes.c_int64
+            library.larsopt_shared_min_numel.restype = ctypes.c_int64
             global _carry_min_numel
             _carry_min_numel = library.larsopt_carry_min_numel()
             norms = library.larsopt_sums_of_squares
