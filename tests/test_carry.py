@@ -196,7 +196,7 @@ def test_a_bad_setting_or_carry_is_refused():
 def test_every_thread_count_gives_the_same_bits(carry):
     """The kernel's sums are added in a fixed order (lanes, blocks, chunks), whatever the threads
     and the schedule: the step is bit-reproducible across thread counts, 40 included (more threads
-    than the 33-chunk shared tensors have chunks: slices without a chunk, as on a large server)."""
+    than the 33-chunk shared tensors have chunks: threads that sum no chunk of them, as on a large server)."""
     results = []
     for threads in (1, 2, 5, 40):
         torch.set_num_threads(threads)
@@ -224,10 +224,10 @@ torch.save([p.detach() for p in params], sys.argv[1])
 """
 
 
-def test_a_team_smaller_than_the_threads_asked_for_steals_the_missing_slices(tmp_path):
-    """With OMP_THREAD_LIMIT=1 the kernel asks for two threads and gets one: that thread takes the
-    other's slices too (the schedule never waits for a thread that does not come), with the bits of
-    a one-thread step."""
+def test_a_team_smaller_than_the_threads_asked_for_does_all_the_work(tmp_path):
+    """With OMP_THREAD_LIMIT=1 the kernel asks for two threads and gets one: that thread sums and
+    updates every chunk (the schedule never waits for a thread that does not come), with the bits
+    of a one-thread step."""
     code = _STEAL_CODE.format(tests=str(Path(__file__).parent))
     for limit, out in (("1", tmp_path / "limited.pt"), ("", tmp_path / "free.pt")):
         env = {key: value for key, value in os.environ.items() if key != "OMP_THREAD_LIMIT"}

@@ -16,13 +16,13 @@
 // numbers per tensor or chunk), before the threads start.
 //
 // Schedule (one parallel region per call, no barrier in it): a tensor of kSharedNumel elements or
-// more is shared by the threads, slice k (whole chunks) being thread k's for both passes, so the
-// update finds the slice in that core's cache; a thread waits a little (kReadyWait, once per
-// step at most) for the other slices' norms of a tensor before updating its slice. Smaller
-// tensors are taken whole, largest first (small ones in runs), by whichever thread is free. A
-// thread out of work takes the slices other threads have not begun, and their updates once
-// ready: a thread the machine takes away delays the step by the slice it is in, not by all of
-// its share. A call with fewer than kParallelNumel elements in all, or with threads == 1,
+// more is shared by the threads, its chunks' norms handed out one at a time, and each chunk
+// updated by the thread that summed it (so the update finds it in that core's cache); a thread
+// waits a little (kReadyWait, once per step at most) for the other threads' last chunks of a
+// tensor before updating its own. Smaller tensors are taken whole, largest first (small ones in
+// runs), by whichever thread is free. A thread out of work takes the updates of other threads'
+// chunks once ready: a thread the machine takes away delays the step by the chunk or whole
+// tensor it is in, not by all of its share. A call with fewer than kParallelNumel elements in all, or with threads == 1,
 // opens no OpenMP parallel region at all: waking threads costs more than it saves there (and
 // much more on a busy machine), and GNU libgomp's thread pool does not survive fork(), so a
 // forked child (which the caller runs with one thread) must never enter one.
@@ -53,8 +53,8 @@ namespace {
 constexpr int64_t kParallelNumel = 1 << 18;  // below this in all, one thread (about 0.1-0.3 ms of work)
 constexpr int64_t kBlock = 1024;             // float partial sums over 1024 elements, then added in double
 constexpr int kLanes = 64;                   // the float partial sums of a block (4 independent vector chains)
-constexpr int64_t kChunk = 1 << 16;          // slices of shared tensors are whole chunks; blocks are summed per chunk
-// Tensors this large are shared by the threads, a slice each. Smaller ones are faster whole: no
+constexpr int64_t kChunk = 1 << 16;          // shared tensors are handed out in chunks; blocks are summed per chunk
+// Tensors this large are shared by the threads, chunk by chunk. Smaller ones are faster whole: no
 // waiting for another thread's norms, and a tensor's passes stay on one core. Up to 2^21 elements,
 // two threads' whole tensors (w + g: 16 MiB each at most in float32) still fit the L3 together;
 // measured on a 2-vCPU EPYC (32 MiB L3), kernel alone against fused SGD, 2^18-2^20-element
@@ -443,8 +443,8 @@ class Counter {
 
 constexpr int64_t kCarryMinNumel = 1 << 17;  // smaller tensors stay in cache between the passes: nothing to gain
 
-// How long a thread waits for the other slices' norms of a shared tensor before doing other work.
-// Threads that keep pace update each slice while it is in cache; one that the machine took away
+// How long a thread waits for the other threads' last chunks of a shared tensor before doing other
+// work. Threads that keep pace update their chunks while in cache; one that the machine took away
 // (or that woke up late) costs this once per step: after a wait runs out, nobody waits any more.
 constexpr auto kReadyWait = std::chrono::microseconds(500);
 
@@ -454,10 +454,12 @@ inline void pause() {
 #endif
 }
 
-// A tensor shared by the threads: slice k (its chunks k * chunks / threads up to
-// (k + 1) * chunks / threads) is thread k's, for its norms and its update alike, so the update
-// finds the slice in that core's cache. Its chunks' sums (3 each) start at index `first` of the
-// step's chunk_sums.
+// A tensor shared by the threads: its chunks' norms go one at a time to whichever thread asks,
+// so the threads finish them within a chunk of each other whatever their speeds (static halves
+// left one thread waiting for the other, or giving up on the update from cache: measured 10-15%
+// apart on BERT's embedding). Each chunk's update goes to the thread that summed it (its owner),
+// which finds it in its core's cache. Chunk c's owner and sums (3 each) are at index first + c
+// of the step's owners and chunk_sums.
 struct Shared {
   int64_t tensor, first, chunks;
 };
@@ -492,7 +494,7 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     runs.emplace_back(int64_t(first), int64_t(last));
     first = last;
   }
-  const int64_t tasks = int64_t(shared.size()) * threads;  // one per (shared tensor, slice)
+  const int64_t tasks = int64_t(shared.size()) * threads;  // updates: one per (shared tensor, owner)
   auto writes_sum = [&](int64_t t) { return a.weight_sums_out != nullptr && numels[t] >= kCarryMinNumel; };
   // The sums of squares of the weights written, one per chunk: tensor t's from written_first[t].
   std::vector<int64_t> written_first(a.weight_sums_out != nullptr ? count + 1 : 0, 0);
@@ -500,22 +502,28 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     written_first[t + 1] = written_first[t] + (writes_sum(t) ? (numels[t] + kChunk - 1) / kChunk : 0);
   }
   std::vector<double> chunk_sums(shared_chunks * 3, 0.0);
+  std::vector<int> owners(shared_chunks, 0);
   std::vector<double> chunk_written(written_first.empty() ? 0 : written_first[count]);
   std::vector<D> shared_lam(shared.size(), D(1));
-  // Each norm and update task is claimed once (by its owner, or by a thread that ran out of work).
-  std::vector<std::atomic<bool>> norm_claimed(tasks), update_claimed(tasks);
-  std::vector<std::atomic<int64_t>> norms_left(shared.size());  // slices whose norms are not summed yet
-  std::vector<std::atomic<bool>> ready(shared.size());          // the tensor's trust ratio is known
-  for (int64_t k = 0; k < tasks; ++k) {
-    norm_claimed[k].store(!norms, std::memory_order_relaxed);
-    update_claimed[k].store(!updates, std::memory_order_relaxed);
-  }
+  // Each update task is claimed once (by its owner, or by a thread that ran out of work).
+  std::vector<std::atomic<bool>> update_claimed(tasks);
+  std::vector<std::atomic<int64_t>> next_chunk(shared.size());   // the first chunk whose norms nobody took
+  std::vector<std::atomic<int64_t>> chunks_left(shared.size());  // chunks whose norms are not summed yet
+  std::vector<std::atomic<bool>> ready(shared.size());           // the tensor's trust ratio is known
+  for (int64_t k = 0; k < tasks; ++k) update_claimed[k].store(!updates, std::memory_order_relaxed);
   for (size_t s = 0; s < shared.size(); ++s) {
-    norms_left[s].store(threads, std::memory_order_relaxed);
+    const Shared& sh = shared[s];
+    next_chunk[s].store(norms ? 0 : sh.chunks, std::memory_order_relaxed);
+    chunks_left[s].store(sh.chunks, std::memory_order_relaxed);
     ready[s].store(!norms, std::memory_order_relaxed);
-    if (!norms) shared_lam[s] = h.adapt ? D(a.trust_in[shared[s].tensor]) : D(1);
+    if (!norms) {  // no norms to hand out: thread k updates the k-th of `threads` equal runs of chunks
+      shared_lam[s] = h.adapt ? D(a.trust_in[sh.tensor]) : D(1);
+      for (int k = 0; k < threads; ++k) {
+        std::fill(&owners[sh.first + k * sh.chunks / threads], &owners[sh.first + (k + 1) * sh.chunks / threads], k);
+      }
+    }
   }
-  std::atomic<int64_t> updates_left{updates ? tasks : 0};
+  std::atomic<int64_t> updates_left{updates ? shared_chunks : 0};  // shared chunks not updated yet
 
   // (trust_norm "update" with weight decay reads w for |g + wd * w| anyway, and sums |w|^2 with it)
   const bool may_carry = a.weight_sums_in != nullptr && !(h.trust_update && h.has_wd);
@@ -530,9 +538,6 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
       a.stats_out[3 * t + 2] = float(lam);
     }
     return lam;
-  };
-  auto slice = [&](const Shared& sh, int k) {  // chunk range of slice k
-    return std::make_pair(k * sh.chunks / threads, (k + 1) * sh.chunks / threads);
   };
   auto claim = [](std::atomic<bool>& flag) { return !flag.load(std::memory_order_relaxed) && !flag.exchange(true); };
 
@@ -551,17 +556,16 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
                     writes_sum(t) ? &chunk_written[written_first[t]] : nullptr);
     }
   };
-  // The norms of slice k of shared tensor s (its task already claimed); the last slice summed
-  // adds the chunks' sums in order and takes the ratio (or, in phase kNorms, reports the sums).
-  auto run_norms = [&](int64_t s, int k) {
+  // The norms of chunk c of shared tensor s, by thread `me` (its owner from now on); the last
+  // chunk summed adds the chunks' sums in order and takes the ratio (or, in phase kNorms, reports
+  // the sums).
+  auto run_norms = [&](int64_t s, int64_t c, int me) {
     const Shared& sh = shared[s];
     const int64_t t = sh.tensor;
-    const auto [first, last] = slice(sh, k);
-    for (int64_t c = first; c < last; ++c) {
-      sums(static_cast<const T*>(a.params[t]), static_cast<const T*>(a.grads[t]), c * kChunk,
-           std::min((c + 1) * kChunk, numels[t]), h, !carried(t), &chunk_sums[(sh.first + c) * 3]);
-    }
-    if (norms_left[s].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    owners[sh.first + c] = me;  // (read by the updates after `ready`, which the last chunk releases)
+    sums(static_cast<const T*>(a.params[t]), static_cast<const T*>(a.grads[t]), c * kChunk,
+         std::min((c + 1) * kChunk, numels[t]), h, !carried(t), &chunk_sums[(sh.first + c) * 3]);
+    if (chunks_left[s].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     double totals[3] = {carried(t) ? a.weight_sums_in[t] : 0.0, 0, 0};
     for (int64_t c = 0; c < sh.chunks; ++c) {
       for (int j = 0; j < 3; ++j) totals[j] += chunk_sums[(sh.first + c) * 3 + j];
@@ -573,14 +577,20 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     }
     ready[s].store(true, std::memory_order_release);
   };
-  auto run_update = [&](int64_t s, int k) {  // (the task claimed, the tensor ready)
+  // The update of the chunks of shared tensor s that thread k owns, last to first (the task
+  // claimed, the tensor ready).
+  auto run_update = [&](int64_t s, int k) {
     const Shared& sh = shared[s];
     const int64_t t = sh.tensor;
-    const auto [first, last] = slice(sh, k);
-    update_chunks(update, static_cast<T*>(a.params[t]), static_cast<const T*>(a.grads[t]), buffer<T>(a.buffers, t),
-                  first * kChunk, std::min(last * kChunk, numels[t]), shared_lam[s], h,
-                  writes_sum(t) ? &chunk_written[written_first[t] + first] : nullptr);
-    updates_left.fetch_sub(1, std::memory_order_acq_rel);
+    int64_t updated = 0;
+    for (int64_t c = sh.chunks - 1; c >= 0; --c) {
+      if (owners[sh.first + c] != k) continue;
+      update_chunks(update, static_cast<T*>(a.params[t]), static_cast<const T*>(a.grads[t]), buffer<T>(a.buffers, t),
+                    c * kChunk, std::min((c + 1) * kChunk, numels[t]), shared_lam[s], h,
+                    writes_sum(t) ? &chunk_written[written_first[t] + c] : nullptr);
+      ++updated;
+    }
+    if (updated > 0) updates_left.fetch_sub(updated, std::memory_order_acq_rel);
   };
   auto try_update = [&](int64_t s, int k) -> bool {  // runs it if ready and not taken; true if it is done or taken
     if (update_claimed[s * threads + k].load(std::memory_order_relaxed)) return true;
@@ -596,19 +606,22 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
     if (threads > 1 && omp_get_num_threads() < threads) {
       gave_up.store(true, std::memory_order_relaxed);  // a smaller team than asked for: nobody to wait for
     }
-    std::vector<int64_t> mine;  // shared tensors whose slice `me` had its norms and awaits its update
+    std::vector<int64_t> mine;  // shared tensors with chunks of mine whose update awaits
     int64_t next_norm = 0;
     for (;;) {
-      // 1. my own slices: norms in order, each update as soon as its tensor is ready (while the
-      //    slice is in this core's cache): after my slice of a tensor, wait a little for the
-      //    other threads' slices of it (a thread the machine took away is not waited for)
-      while (next_norm < int64_t(shared.size()) && !claim(norm_claimed[next_norm * threads + me])) {
-        mine.push_back(next_norm++);  // (taken by a thread that ran out of work: the update is still mine)
-      }
+      // 1. the shared tensors in order: chunks' norms while any is left, then the update of mine
+      //    as soon as the tensor is ready (while they are in this core's cache): wait a little
+      //    for the other threads' last chunks (a thread the machine took away is not waited for)
       if (next_norm < int64_t(shared.size())) {
-        run_norms(next_norm, me);
-        mine.push_back(next_norm++);
-        if (!gave_up.load(std::memory_order_relaxed)) {
+        const int64_t s = next_norm++;
+        bool took = false;
+        for (int64_t c = next_chunk[s].fetch_add(1, std::memory_order_relaxed); c < shared[s].chunks;
+             c = next_chunk[s].fetch_add(1, std::memory_order_relaxed)) {
+          run_norms(s, c, me);
+          took = true;
+        }
+        if (took || !norms) mine.push_back(s);
+        if (took && !gave_up.load(std::memory_order_relaxed)) {
           const auto deadline = std::chrono::steady_clock::now() + kReadyWait;
           while (!ready[mine.back()].load(std::memory_order_acquire)) {
             if (std::chrono::steady_clock::now() > deadline) {
@@ -627,14 +640,9 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
         run_whole(runs[run].first, runs[run].second);
         continue;
       }
-      // 3. out of work: the other threads' slices not begun (a thread the machine took away)
+      // 3. out of work: the updates of other threads' chunks, once ready (a thread the machine took
+      //    away; or one that summed no chunk of a tensor, whose task is then empty)
       bool stole = false;
-      for (int64_t k = 0; k < tasks && !stole; ++k) {
-        if (claim(norm_claimed[k])) {
-          run_norms(k / threads, int(k % threads));
-          stole = true;
-        }
-      }
       for (int64_t k = 0; k < tasks && !stole; ++k) {
         if (!update_claimed[k].load(std::memory_order_relaxed) && ready[k / threads].load(std::memory_order_acquire)
             && claim(update_claimed[k])) {
