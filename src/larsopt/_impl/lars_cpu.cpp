@@ -22,10 +22,10 @@
 // tensor before updating its own. Smaller tensors are taken whole, largest first (small ones in
 // runs), by whichever thread is free. A thread out of work takes the updates of other threads'
 // chunks once ready: a thread the machine takes away delays the step by the chunk or whole
-// tensor it is in, not by all of its share. A call with fewer than kParallelNumel elements in all, or with threads == 1,
-// opens no OpenMP parallel region at all: waking threads costs more than it saves there (and
-// much more on a busy machine), and GNU libgomp's thread pool does not survive fork(), so a
-// forked child (which the caller runs with one thread) must never enter one.
+// tensor it is in, not by all of its share. A call with fewer than kParallelNumel elements in
+// all, or with threads == 1, opens no OpenMP parallel region at all: waking threads costs more
+// than it saves there (and much more on a busy machine), and GNU libgomp's thread pool does not
+// survive fork(), so a forked child (which the caller runs with one thread) must never enter one.
 //
 // Norms: squares are summed over blocks of kBlock elements in kLanes float lanes added in a fixed
 // order, blocks in double within chunks of kChunk elements, and chunks in double in order. The
@@ -45,6 +45,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <vector>
 
@@ -58,7 +59,7 @@ constexpr int64_t kChunk = 1 << 16;          // shared tensors are handed out in
 // waiting for another thread's norms, and a tensor's passes stay on one core. Up to 2^21 elements,
 // two threads' whole tensors (w + g: 16 MiB each at most in float32) still fit the L3 together;
 // measured on a 2-vCPU EPYC (32 MiB L3), kernel alone against fused SGD, 2^18-2^20-element
-// tensors took 1.04-1.09x whole against 1.25-1.40x shared.
+// tensors took 0.99-1.27x whole (median 1.06x) against 1.10-1.40x shared (median 1.25x).
 constexpr int64_t kSharedNumel = 1 << 21;
 constexpr int64_t kRunNumel = 1 << 14;       // small whole tensors are handed out in runs of this many elements
 // A float block sum at or above this keeps its digits: each of its 1024 squares is off by at most
@@ -507,13 +508,13 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
   std::vector<D> shared_lam(shared.size(), D(1));
   // Each update task is claimed once (by its owner, or by a thread that ran out of work).
   std::vector<std::atomic<bool>> update_claimed(tasks);
-  std::vector<std::atomic<int64_t>> next_chunk(shared.size());   // the first chunk whose norms nobody took
+  std::deque<Counter> next_chunk;  // hands out each shared tensor's chunks for their norms (none without norms)
   std::vector<std::atomic<int64_t>> chunks_left(shared.size());  // chunks whose norms are not summed yet
   std::vector<std::atomic<bool>> ready(shared.size());           // the tensor's trust ratio is known
   for (int64_t k = 0; k < tasks; ++k) update_claimed[k].store(!updates, std::memory_order_relaxed);
   for (size_t s = 0; s < shared.size(); ++s) {
     const Shared& sh = shared[s];
-    next_chunk[s].store(norms ? 0 : sh.chunks, std::memory_order_relaxed);
+    next_chunk.emplace_back(norms ? sh.chunks : 0);
     chunks_left[s].store(sh.chunks, std::memory_order_relaxed);
     ready[s].store(!norms, std::memory_order_relaxed);
     if (!norms) {  // no norms to hand out: thread k updates the k-th of `threads` equal runs of chunks
@@ -615,8 +616,7 @@ void step(const LarsKernelArgs& a, const Hyper& h) {
       if (next_norm < int64_t(shared.size())) {
         const int64_t s = next_norm++;
         bool took = false;
-        for (int64_t c = next_chunk[s].fetch_add(1, std::memory_order_relaxed); c < shared[s].chunks;
-             c = next_chunk[s].fetch_add(1, std::memory_order_relaxed)) {
+        for (int64_t c = next_chunk[s].next(); c >= 0; c = next_chunk[s].next()) {
           run_norms(s, c, me);
           took = true;
         }
