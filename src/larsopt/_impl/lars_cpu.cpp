@@ -62,6 +62,12 @@ constexpr int64_t kChunk = 1 << 16;          // shared tensors are handed out in
 // tensors took 0.99-1.27x whole (median 1.06x) against 1.10-1.40x shared (median 1.25x).
 constexpr int64_t kSharedNumel = 1 << 21;
 constexpr int64_t kRunNumel = 1 << 14;       // small whole tensors are handed out in runs of this many elements
+// The update prefetches w, g and b this far ahead of the element it writes, a run of kUpdateRun
+// elements at a time: on a 2-vCPU Xeon VM, whose caches beyond the 2 MiB L2 return the update pass
+// next to nothing of what the norm pass read (a core then reads about 12 GB/s, bound by the misses
+// it has in flight), it made the kernel 4-7% faster on ResNet-50 and BERT-base shapes.
+constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kUpdateRun = 256;
 // A float block sum at or above this keeps its digits: each of its 1024 squares is off by at most
 // 2^-150 (half the smallest subnormal), 2^-140 in all, a relative 2^-40 of the sum.
 constexpr float kExactFloatSum = 0x1p-100f;
@@ -267,39 +273,49 @@ D trust_ratio(const double* sums, const Hyper& h) {
   return lam;
 }
 
-// The update over [begin, end) with trust ratio lam (reference._updated, element-wise).
+// The update over [begin, end) with trust ratio lam (reference._updated, element-wise), in runs of
+// kUpdateRun elements, each run prefetching w, g and b kPrefetchBytes ahead (up to prefetch_end).
 template <typename T, int F, bool Nesterov, bool HasWd, bool HasScale>
-void update_range(T* w, const T* g, T* b, int64_t begin, int64_t end, typename Compute<T>::type lam,
-                  const Hyper& h) {
+void update_range(T* w, const T* g, T* b, int64_t begin, int64_t end, int64_t prefetch_end,
+                  typename Compute<T>::type lam, const Hyper& h) {
   using D = typename Compute<T>::type;
   const D sign = h.maximize ? D(-1) : D(1), scale = D(h.grad_scale), rescale = D(h.rescale);
   const D wd = D(h.weight_decay), mu = D(h.momentum), lr = D(h.lr);
   const D clip = D(h.clip);  // +inf when clip_gradient is None: the clamp is then the identity
   const D step_size = lr * lam;
+  constexpr int64_t ahead = kPrefetchBytes / int64_t(sizeof(T)), line = 64 / int64_t(sizeof(T));
+  for (int64_t run = begin; run < end; run += kUpdateRun) {
+    const int64_t run_end = run + kUpdateRun < end ? run + kUpdateRun : end;
+    for (int64_t p = run + ahead; p < run_end + ahead && p < prefetch_end; p += line) {
+      __builtin_prefetch(w + p, 1);
+      __builtin_prefetch(g + p, 0);
+      if (F != kNoMomentum) __builtin_prefetch(b + p, 1);
+    }
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const D wi = load(w, i);
-    D u = rescaled<HasScale>(D(load(g, i)), sign, scale, rescale);
-    u = u < -clip ? -clip : (u > clip ? clip : u);  // NaN passes through, as in torch.clamp
-    if (HasWd) u = u + wd * wi;
-    if (F == kNoMomentum) {
-      store(w, i, wi - step_size * u);
-    } else if (F == kPaper) {
-      const D step = step_size * u;
-      const D v = mu * D(load(b, i)) - step;
-      store(b, i, v);
-      store(w, i, wi + (Nesterov ? mu * v - step : v));
-    } else {
-      const D scaled = lam * u;
-      const D v = mu * D(load(b, i)) + scaled;
-      store(b, i, v);
-      store(w, i, wi - lr * (Nesterov ? scaled + mu * v : v));
+    for (int64_t i = run; i < run_end; ++i) {
+      const D wi = load(w, i);
+      D u = rescaled<HasScale>(D(load(g, i)), sign, scale, rescale);
+      u = u < -clip ? -clip : (u > clip ? clip : u);  // NaN passes through, as in torch.clamp
+      if (HasWd) u = u + wd * wi;
+      if (F == kNoMomentum) {
+        store(w, i, wi - step_size * u);
+      } else if (F == kPaper) {
+        const D step = step_size * u;
+        const D v = mu * D(load(b, i)) - step;
+        store(b, i, v);
+        store(w, i, wi + (Nesterov ? mu * v - step : v));
+      } else {
+        const D scaled = lam * u;
+        const D v = mu * D(load(b, i)) + scaled;
+        store(b, i, v);
+        store(w, i, wi - lr * (Nesterov ? scaled + mu * v : v));
+      }
     }
   }
 }
 
 template <typename T>
-using UpdateFn = void (*)(T*, const T*, T*, int64_t, int64_t, typename Compute<T>::type, const Hyper&);
+using UpdateFn = void (*)(T*, const T*, T*, int64_t, int64_t, int64_t, typename Compute<T>::type, const Hyper&);
 
 // The update_range instance for the flags of h (one compiled loop per combination, no branches
 // inside the loop).
@@ -349,13 +365,13 @@ void update_chunks(UpdateFn<T> update, T* w, const T* g, T* b, int64_t begin, in
   for (int64_t c = (end - begin + kChunk - 1) / kChunk - 1; c >= 0; --c) {
     const int64_t chunk = begin + c * kChunk, chunk_end = chunk + kChunk < end ? chunk + kChunk : end;
     if (written == nullptr) {
-      update(w, g, b, chunk, chunk_end, lam, h);
+      update(w, g, b, chunk, chunk_end, chunk_end, lam, h);
       continue;
     }
     double sum = 0;
     for (int64_t start = chunk; start < chunk_end; start += kBlock) {
       const int64_t stop = start + kBlock < chunk_end ? start + kBlock : chunk_end;
-      update(w, g, b, start, stop, lam, h);
+      update(w, g, b, start, stop, chunk_end, lam, h);
       sum += block_sum_of_squares(w, start, stop);
     }
     written[c] = sum;
