@@ -81,7 +81,7 @@ def resolve_impl(impl: str) -> str:
 
     Why (measurements in ``docs/performance.md``, 2-core CPU): the fused CPU kernel runs a step in
     1.2-1.5x the time of ``torch.optim.SGD(fused=True)`` on ResNet-50 and BERT-base shapes (a LARS
-    step must read weights and gradients twice), 0.35-0.45x on a machine busy with other programs,
+    step must read weights and gradients twice), 0.35-0.6x on a machine busy with other programs,
     10-20x faster than ``"foreach"`` and
     ``"reference"`` there, and allocates nothing. Its one-time build takes about 2-3 s and is
     cached on disk (milliseconds to load afterwards), inside the budget of 10 s for a cold first
