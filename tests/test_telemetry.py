@@ -9,6 +9,7 @@ silent on a healthy run; TensorBoard event files and JSON lines read back.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import json
 import math
@@ -204,6 +205,23 @@ def test_accumulator_folds_every_step_and_resets_on_read(single_thread):
     assert all(row["steps"] == 0 and math.isnan(row["trust_ratio_mean"]) and row["fallback"] == 0
                for row in after.values())
     assert all(after[name]["clip_streak"] == row["clip_streak"] for name, row in values.items())  # (not the window's)
+
+
+def test_an_accumulator_outlives_its_optimizer(single_thread):
+    """An accumulator read after its optimizer was collected gives what it folded in, with each
+    group's trust-ratio flag as its last step left it."""
+    adapted, unadapted = _params(seed=4)
+    opt = _optimizer(adapted, unadapted, lr=0.1, weight_decay=1e-3)
+    accumulator = T.Accumulator(opt)
+    opt.step()
+    opt.step()
+    expected = accumulator.read()
+    opt.step()
+    del opt
+    gc.collect()
+    values = accumulator.read()
+    assert values.adapted == expected.adapted == [True] * len(adapted) + [False] * len(unadapted)
+    assert {name: row["steps"] for name, row in values.to_dict().items()} == {name: 1 for name in [*adapted, *unadapted]}
 
 
 def test_a_new_param_group_restarts_the_slots(single_thread):

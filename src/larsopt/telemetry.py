@@ -184,6 +184,9 @@ class _Recorder:
         self._streak_rows: Tensor | None = None  # the streaks of the last step's rows, after it
         self._names: tuple[list[str], list[bool]] | None = None  # the last step's names and adapted, once read
         self._slot_index: tuple[tuple[int, ...], Tensor] | None = None
+        # group number -> whether it took the trust ratio at its last step (for reads after the
+        # optimizer is gone: an accumulator may outlive it)
+        self._last_adapt: dict[int, bool] = {}
 
     def record(self, parts: list[tuple[int, list[int] | None, Tensor]], found_inf: Tensor | None) -> None:
         """Keep one step from each telemetry group's ``(group number, positions of the params stepped
@@ -201,6 +204,7 @@ class _Recorder:
             stats = stats.to(device)
             lr = options.lr.clone() if isinstance(options.lr, Tensor) else options.lr
             self._parts.append(_Part(number, stepped, stats, options, lr, _streaked(stats, options)))
+            self._last_adapt[number] = options.adapt
         streaked = torch.cat([part.streaked for part in self._parts]) if len(parts) > 1 else self._parts[0].streaked
         slots = self._slots(parts, device)
         previous = self.streaks if slots is None else self.streaks[slots]
@@ -251,6 +255,7 @@ class _Recorder:
             self.offsets[number] = len(self.slot_names)
             group = optimizer.param_groups[number]
             self.slot_names += [optimizer._param_name(group, number, index) for index in range(count)]
+            self._last_adapt[number] = LarsOptions.from_group(group).effective().adapt
         self.streaks = torch.zeros(len(self.slot_names), 2, device=device)
         self._slot_index = None
 
@@ -266,10 +271,15 @@ class _Recorder:
         return self._slot_index[1]
 
     def adapted_slots(self) -> list[bool]:
-        """Per slot, whether its group takes the trust ratio now."""
-        groups = self._optimizer().param_groups
-        return [adapt for number, count in self.layout
-                for adapt in [LarsOptions.from_group(groups[number]).effective().adapt] * count]
+        """Per slot, whether its group takes the trust ratio now (once the optimizer is gone: at its
+        last step)."""
+        optimizer = self._optimizer()
+        if optimizer is None:
+            adapt = self._last_adapt
+        else:
+            adapt = {number: LarsOptions.from_group(optimizer.param_groups[number]).effective().adapt
+                     for number, _ in self.layout}
+        return [adapt[number] for number, count in self.layout for _ in range(count)]
 
     def warn(self, values: dict[str, dict[str, Any]]) -> None:
         """Give the warnings of the module docstring that ``values`` (read-back rows) call for."""
