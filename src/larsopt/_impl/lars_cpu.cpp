@@ -65,8 +65,8 @@ constexpr int64_t kRunNumel = 1 << 14;       // small whole tensors are handed o
 // The update prefetches w, g and b this far ahead of the element it writes, a run of kUpdateRun
 // elements at a time: on a 2-vCPU Xeon VM, whose caches beyond the 2 MiB L2 return the update pass
 // next to nothing of what the norm pass read (a core then reads about 12 GB/s, bound by the misses
-// it has in flight), it made the kernel 4-7% faster on ResNet-50 and BERT-base shapes in the
-// least noisy of 6 runs (docs/performance.md).
+// it has in flight), it made the kernel 6% faster on ResNet-50 and BERT-base shapes (median of 5
+// runs each, 3-16%; docs/performance.md).
 constexpr int64_t kPrefetchBytes = 2048;
 constexpr int64_t kUpdateRun = 256;
 // A float block sum at or above this keeps its digits: each of its 1024 squares is off by at most
